@@ -1,0 +1,300 @@
+"""One decoder-only transformer (Flax NNX) for Llama 3, Qwen 2.5, Qwen 3 and Gemma 3.
+
+Inputs are `tokens`, `positions` and `segment_ids`, all `[batch, length]` int32.
+Segment id 0 marks padding; tokens attend only to earlier tokens of the same
+segment, so several examples packed in one row never see each other.
+
+Parameters carry logical axis names (metadata `logical_axes`), never mesh axes:
+`posttrain_jax.sharding` maps them to the mesh from config rules. Kernels keep
+heads as their own axis (`[embed, heads, head_dim]`) so that tensor parallelism
+over heads is a rule, not a reshape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
+from posttrain_jax.sharding import constrain
+
+# A finite mask value keeps fully masked rows (padding queries) free of NaNs.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "normal":  # transformers' default initializer_range
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies in float32, as transformers computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.type == "default":
+        return inv_freq
+    if rope.type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported RoPE type {rope.type!r} (supported: default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x` [batch, length, heads, head_dim] by `positions` [batch, length] (rotate-half layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32; Gemma's variant scales by (1 + w) with w initialised at 0."""
+
+    def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+        self.eps = config.rms_norm_eps
+        self.plus_one = config.norm_plus_one
+        self.scale = _param(rngs, (dim,), (axis_name,), config.param_dtype, "zeros" if self.plus_one else "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.plus_one:
+            return (xf * (1.0 + scale)).astype(x.dtype)
+        # Llama/Qwen cast back before the weight multiply, as transformers does.
+        return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys/values for every layer plus the segment id of every slot.
+
+    `end` is the number of slots written so far (shared by the batch: prompts are
+    padded to one length, padding slots carry segment id 0 and are never attended).
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    values: tuple[jax.Array, ...]
+    segment_ids: jax.Array  # [batch, max_len]
+    end: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or config.dtype
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        return cls(keys=tuple(zeros() for _ in range(config.num_layers)),
+                   values=tuple(zeros() for _ in range(config.num_layers)),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
+
+
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None) -> jax.Array:
+    """[batch, q_len, k_len] bool: causal, same segment, key not padding, inside the window."""
+    mask = (k_slots[None, None, :] <= q_slots[None, :, None])
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    mask &= (k_segments != 0)[:, None, :]
+    if window is not None:
+        mask &= (q_slots[:, None] - k_slots[None, :] < window)[None]
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.config = c
+        self.window = c.sliding_window if c.layer_types[layer] == SLIDING else None
+        # Kept as the (hashable) config, not an array: frequencies are trace-time constants.
+        self.rope = c.local_rope if (self.window is not None and c.local_rope is not None) else c.rope
+        self.q = _param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"), pd)
+        if c.qkv_bias:
+            self.q_bias = _param(rngs, (c.num_heads, c.head_dim), ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(rngs, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, "zeros")
+        if c.o_bias:
+            self.o_bias = _param(rngs, (c.hidden_size,), ("embed",), pd, "zeros")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis_name="head_dim")
+            self.k_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis_name="head_dim")
+
+    def _project(self, x, name):
+        c = self.config
+        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(c.dtype))
+        if c.qkv_bias:
+            y = y + getattr(self, name + "_bias")[...].astype(c.dtype)
+        return y
+
+    def __call__(self, x, positions, segment_ids, cache_kv=None, cache_segments=None, start=None):
+        c = self.config
+        q, k, v = (self._project(x, n) for n in ("q", "k", "v"))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.rope, c.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        length = x.shape[1]
+        q_slots = jnp.arange(length, dtype=jnp.int32)
+        if cache_kv is None:
+            k_slots, k_segments = q_slots, segment_ids
+        else:  # write this chunk into the cache, then attend over every slot
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0))
+            cache_kv = (k, v)
+            q_slots = q_slots + start
+            k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
+        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), mask)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c.dtype))
+        if c.o_bias:
+            out = out + self.o_bias[...].astype(c.dtype)
+        return out, cache_kv
+
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention; scores and softmax in float32."""
+        c = self.config
+        b, t, h, d = q.shape
+        groups = h // c.num_kv_heads
+        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
+        q = q.reshape(b, t, c.num_kv_heads, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        if c.attn_logit_softcap is not None:
+            scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
+        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return out.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.config = c
+        self.gate = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+        if c.mlp_bias:
+            self.gate_bias = _param(rngs, (c.intermediate_size,), ("mlp",), pd, "zeros")
+            self.up_bias = _param(rngs, (c.intermediate_size,), ("mlp",), pd, "zeros")
+            self.down_bias = _param(rngs, (c.hidden_size,), ("embed",), pd, "zeros")
+
+    def __call__(self, x):
+        c = self.config
+        gate, up = x @ self.gate[...].astype(c.dtype), x @ self.up[...].astype(c.dtype)
+        if c.mlp_bias:
+            gate, up = gate + self.gate_bias[...].astype(c.dtype), up + self.up_bias[...].astype(c.dtype)
+        act = jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        hidden = constrain(act * up, ("batch", "length", "mlp"))
+        out = hidden @ self.down[...].astype(c.dtype)
+        return out + self.down_bias[...].astype(c.dtype) if c.mlp_bias else out
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.sandwich = config.sandwich_norm
+        self.attn_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.attn = Attention(config, layer, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        if self.sandwich:
+            self.post_attn_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+            self.post_mlp_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, cache_kv=None, cache_segments=None, start=None):
+        y, cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache_kv, cache_segments, start)
+        x = x + (self.post_attn_norm(y) if self.sandwich else y)
+        y = self.mlp(self.mlp_norm(x))
+        x = x + (self.post_mlp_norm(y) if self.sandwich else y)
+        return constrain(x, ("batch", "length", "act_embed")), cache_kv
+
+
+def _run_block(block: Block, x, positions, segment_ids, cache_kv, cache_segments, start):
+    return block(x, positions, segment_ids, cache_kv, cache_segments, start)
+
+
+_run_block_remat = nnx.remat(_run_block)
+
+
+class Decoder(nnx.Module):
+    """The whole model: embeddings, blocks, final norm and an LM or scalar head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.config = c
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
+        self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c, rngs=rngs)
+        if c.head == "scalar":
+            self.score = _param(rngs, (c.hidden_size, 1), ("embed", None), pd)
+        elif not c.tie_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Final-norm hidden states [batch, length, hidden] and the updated cache."""
+        c = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+        # Gather from a table whose hidden dim is whole: a vocab-sharded gather is a
+        # masked lookup + all-reduce, which GSPMD partitions without replicating.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+        if c.embed_scale:  # Gemma rounds sqrt(hidden) to the compute dtype first
+            x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        start = cache_segments = None
+        if cache is not None:
+            start = cache.end
+            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                          (0, start))
+        run = _run_block_remat if c.remat else _run_block
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, kv = run(block, x, positions, segment_ids, kv, cache_segments, start)
+            if cache is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
+        if cache is not None:
+            cache = KVCache(tuple(keys), tuple(values), cache_segments, cache.end + tokens.shape[1])
+        return self.final_norm(x), cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """LM logits [batch, length, vocab] (or scalars [batch, length] for a scalar head)."""
+        c = self.config
+        if c.head == "scalar":
+            return (hidden @ self.score[...].astype(c.dtype))[..., 0]
+        kernel = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = hidden @ kernel.astype(c.dtype)
+        if c.final_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Logits for a full (padded or packed) batch: no cache."""
+        return self.head(self.hidden_states(tokens, positions, segment_ids)[0])
+
+    def decode(self, tokens, positions, segment_ids, cache: KVCache):
+        """Logits for `tokens` written after the cache's `end`; returns (logits, new cache)."""
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+        return self.head(hidden), cache
