@@ -16,7 +16,8 @@ prompt supplies at inference time) and the ``\\n`` that follows an
 end-of-turn token in chatml and gemma. The whole conversation is rendered to
 one string and encoded once, so ``ids`` equal encoding the rendered text
 (like HF ``apply_chat_template(tokenize=True)``); a token is masked in when
-its character span overlaps an assistant region.
+its character span overlaps an assistant region (a token straddling a
+boundary, possible only if a tokenizer merges across it, is masked in).
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = (
             None if i < 0 else i for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id())
         )
-        # The Python API cannot tell user-defined pieces apart, so read the
-        # piece types from the model proto; both kinds count as "special".
+        # The Python API cannot tell user-defined pieces apart, so read the piece
+        # types from the model proto. Both kinds count as "special" for
+        # decode(skip_special=True), as chat tokens are declared user-defined.
         proto = pb.ModelProto.FromString(self._sp.serialized_model_proto())
         special_types = {pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED}
         self._special_ids = frozenset(i for i, p in enumerate(proto.pieces) if p.type in special_types)
@@ -153,11 +155,6 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(int(token_id))
 
 
-def _token_content(value: str | Mapping) -> str:
-    # tokenizer_config.json stores tokens as "<s>" or as an AddedToken dict.
-    return value["content"] if isinstance(value, Mapping) else value
-
-
 def _configured_special_tokens(directory: Path) -> dict[str, tuple[str, str]]:
     """Read bos/eos/pad token strings (and the file that set each) from
     tokenizer_config.json, falling back to special_tokens_map.json."""
@@ -168,8 +165,9 @@ def _configured_special_tokens(directory: Path) -> dict[str, tuple[str, str]]:
             continue
         config = json.loads(file.read_text(encoding="utf-8"))
         for key in ("bos_token", "eos_token", "pad_token"):
-            if key not in found and config.get(key) is not None:
-                found[key] = (_token_content(config[key]), str(file))
+            if key not in found and (token := config.get(key)) is not None:
+                # Stored either as "<s>" or as an AddedToken dict {"content": "<s>", ...}.
+                found[key] = (token["content"] if isinstance(token, Mapping) else token, str(file))
     return found
 
 
@@ -180,14 +178,8 @@ class HFTokenizer(Tokenizer):
     ``tokenizer_config.json`` / ``special_tokens_map.json`` next to the file.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        bos_token: str | None = None,
-        eos_token: str | None = None,
-        pad_token: str | None = None,
-    ):
+    def __init__(self, path: str | Path, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None):  # fmt: skip
         from tokenizers import Tokenizer as _HFTokenizer
 
         path = Path(path)
@@ -286,8 +278,8 @@ class ChatEncoding:
 def _render_llama3(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
     parts: Parts = []
     for m in messages:
-        parts.append((f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False))
-        parts.append((m["content"].strip() + "<|eot_id|>", m["role"] == "assistant"))
+        header, body = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", m["content"].strip() + "<|eot_id|>"
+        parts += [(header, False), (body, m["role"] == "assistant")]
     if add_generation_prompt:
         parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
     return parts
@@ -296,9 +288,8 @@ def _render_llama3(messages: Sequence[Message], add_generation_prompt: bool) -> 
 def _render_chatml(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
     parts: Parts = []
     for m in messages:
-        parts.append((f"<|im_start|>{m['role']}\n", False))
-        parts.append((m["content"] + "<|im_end|>", m["role"] == "assistant"))
-        parts.append(("\n", False))
+        header, body = f"<|im_start|>{m['role']}\n", m["content"] + "<|im_end|>"
+        parts += [(header, False), (body, m["role"] == "assistant"), ("\n", False)]
     if add_generation_prompt:
         parts.append(("<|im_start|>assistant\n", False))
     return parts
@@ -322,10 +313,8 @@ def _render_gemma(messages: Sequence[Message], add_generation_prompt: bool) -> P
     parts: Parts = []
     for i, m in enumerate(messages):
         role = "model" if m["role"] == "assistant" else m["role"]
-        content = (prefix if i == 0 else "") + m["content"].strip()
-        parts.append((f"<start_of_turn>{role}\n", False))
-        parts.append((content + "<end_of_turn>", m["role"] == "assistant"))
-        parts.append(("\n", False))
+        body = (prefix if i == 0 else "") + m["content"].strip() + "<end_of_turn>"
+        parts += [(f"<start_of_turn>{role}\n", False), (body, m["role"] == "assistant"), ("\n", False)]
     if add_generation_prompt:
         parts.append(("<start_of_turn>model\n", False))
     return parts
@@ -430,14 +419,8 @@ def _overlap_mask(offsets: Offsets, regions: list[tuple[int, int]], n_chars: int
     return mask
 
 
-def render_chat(
-    tokenizer: Tokenizer,
-    messages: Sequence[Message],
-    *,
-    template: str,
-    add_generation_prompt: bool = False,
-    add_bos: bool = True,
-) -> ChatEncoding:
+def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, template: str,
+                add_generation_prompt: bool = False, add_bos: bool = True) -> ChatEncoding:  # fmt: skip
     """Render `messages` with a built-in `template` and tokenize it.
 
     Returns ids, the assistant mask (see the module docstring) and the text.
@@ -451,11 +434,12 @@ def render_chat(
     spec = _get_template(template)
     validate_messages(messages)
     _check_template_tokens(tokenizer, template, spec.special_tokens)
+    add_bos = add_bos and spec.uses_bos
+    if add_bos and tokenizer.bos_id is None:
+        raise ValueError(f"template {template!r} with add_bos=True needs a bos token, but {tokenizer.path} has none")
     body, regions = _join(spec.render(messages, add_generation_prompt))
     ids, offsets = tokenizer.encode_with_offsets(body)
     mask = _overlap_mask(offsets, regions, len(body))
-    if not (add_bos and spec.uses_bos):
+    if not add_bos:
         return ChatEncoding(ids=ids, assistant_mask=mask, text=body)
-    if tokenizer.bos_id is None:
-        raise ValueError(f"template {template!r} with add_bos=True needs a bos token, but {tokenizer.path} has none")
     return ChatEncoding(ids=[tokenizer.bos_id, *ids], assistant_mask=[False, *mask], text=tokenizer.bos_token + body)

@@ -111,10 +111,10 @@ def test_load_tokenizer_picks_backend(sp_path, hf_dir):
     assert load_tokenizer(hf_dir / "tokenizer.json").bos_token == "<|begin_of_text|>"
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["The quick brown fox jumps over the lazy dog.", "  two  spaces\nand\ttabs\n\n", "héllo wörld 🙂 ünïcode", ""],
-)
+ROUND_TRIP = ["The quick brown fox jumps over the lazy dog.", "  two  spaces\nand\ttabs\n\n", "héllo wörld 🙂", ""]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
     ids, offsets = tok.encode_with_offsets(text)
@@ -213,8 +213,9 @@ def test_transformers_fast_tokenizer_agrees(hf_dir, hf_tok):
 
     reference = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
     for text in ["The cat sat on the mat.", "<|im_start|>user\nhéllo 🙂<|im_end|>\n", "  a\n\nb  "]:
-        assert hf_tok.encode(text) == reference.encode(text, add_special_tokens=False)
-        assert hf_tok.decode(hf_tok.encode(text)) == reference.decode(reference.encode(text, add_special_tokens=False))
+        ids = reference.encode(text, add_special_tokens=False)
+        assert hf_tok.encode(text) == ids
+        assert hf_tok.decode(ids) == reference.decode(ids)
 
 
 # ------------------------------------------------------------------ chat templates
@@ -352,7 +353,10 @@ def test_mask_with_multibyte_and_special_boundaries(tok, template):
         ([{"role": "user", "content": ["x"]}], r"message 0 \(user\): content must be a str, got list"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "message 1: a system message"),
         ([{"role": "assistant", "content": "a"}], "message 0: expected role 'user', got 'assistant'"),
-        ([SYSTEM, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 2: expected role 'assistant'"),
+        (
+            [SYSTEM, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "message 2: expected role 'assistant', got 'user'",
+        ),
         (["hi"], "message 0: expected a dict"),
     ],
 )  # fmt: skip
@@ -368,9 +372,6 @@ def test_unknown_template_lists_valid_ones(sp_tok):
         end_of_turn_token("vicuna")
 
 
-_LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
 @pytest.fixture(scope="module")
 def word_level_path(tmp_path_factory):
     """A tokenizer with llama3's tokens as added tokens, chatml's only as plain
@@ -378,7 +379,7 @@ def word_level_path(tmp_path_factory):
     vocab = {"[UNK]": 0, "hi": 1, "<|im_start|>": 2, "<|im_end|>": 3}
     tok = RawHFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(_LLAMA3_TOKENS))
+    tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     path = tmp_path_factory.mktemp("wordlevel") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -393,7 +394,8 @@ def test_template_token_errors(word_level_path):
         render_chat(tok, messages, template="chatml")
     with pytest.raises(ValueError, match="needs a bos token"):
         render_chat(tok, messages, template="llama3")
-    assert render_chat(tok, messages, template="llama3", add_bos=False).ids[0] == tok.token_to_id(_LLAMA3_TOKENS[0])
+    enc = render_chat(tok, messages, template="llama3", add_bos=False)
+    assert enc.ids[0] == tok.token_to_id("<|start_header_id|>")
 
 
 # Text-only versions of the official Jinja templates, with {% generation %}
@@ -402,28 +404,37 @@ HF_JINJA = {
     "llama3": (
         "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
-        "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
     "qwen2.5": (
-        "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
-        "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
-        "{% endif %}{% for message in messages %}{% if message.role != 'system' %}"
-        "{{ '<|im_start|>' + message.role + '\n' }}{% if message.role == 'assistant' %}{% generation %}"
-        "{{ message.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ message.content + '<|im_end|>' }}{% endif %}"
-        "{{ '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+        "You are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+        "{% for message in messages %}{% if message.role != 'system' %}"
+        "{{ '<|im_start|>' + message.role + '\n' }}"
+        "{% if message.role == 'assistant' %}"
+        "{% generation %}{{ message.content + '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}{{ message.content + '<|im_end|>' }}{% endif %}"
+        "{{ '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "gemma": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-        "{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}"
-        "{% endif %}{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
         "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-        "{% if role == 'model' %}{% generation %}{{ message['content'] | trim + '<end_of_turn>' }}{% endgeneration %}"
+        "{% if role == 'model' %}"
+        "{% generation %}{{ message['content'] | trim + '<end_of_turn>' }}{% endgeneration %}"
         "{% else %}{{ message['content'] | trim + '<end_of_turn>' }}{% endif %}{{ '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("template", list(HF_JINJA))
@@ -434,9 +445,10 @@ def test_matches_transformers_apply_chat_template(hf_dir, hf_tok, template, syst
     reference = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token=hf_tok.bos_token)
     messages = [SYSTEM, *CONVERSATION] if system else CONVERSATION
     ours = render_chat(hf_tok, messages, template=template)
+    jinja = HF_JINJA[template]
     theirs = reference.apply_chat_template(
-        messages, chat_template=HF_JINJA[template], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, chat_template=jinja, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    assert ours.text == reference.apply_chat_template(messages, chat_template=HF_JINJA[template], tokenize=False)
+    assert ours.text == reference.apply_chat_template(messages, chat_template=jinja, tokenize=False)
     assert ours.ids == list(theirs["input_ids"])
     assert ours.assistant_mask == [bool(m) for m in theirs["assistant_masks"]]

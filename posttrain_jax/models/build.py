@@ -6,7 +6,7 @@ from functools import partial
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.transformer import Decoder
@@ -22,7 +22,7 @@ def model_shardings(config: ModelConfig, mesh: Mesh | None, rules: Rules = DEFAU
     """Per-parameter NamedShardings (all on the first device when there is no mesh)."""
     _, abstract = abstract_model(config)
     if mesh is None:
-        single = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), P())
+        single = SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda v: v.replace(single), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return state_shardings(abstract, mesh, rules)
 

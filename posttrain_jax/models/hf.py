@@ -164,7 +164,11 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None, co
         kw["dtype"] = compute_dtype
     if head:
         kw["head"] = head
-    config = from_hf_config(raw, **kw)
+    try:
+        config = from_hf_config(raw, **kw)
+    except (KeyError, ValueError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e).removeprefix("config.json: ")
+        raise ValueError(f"{config_path}: {detail}") from e
     ckpt = _Checkpoint(path)
     prefix, head_prefix = _prefixes(ckpt)
     names = _param_names(config, prefix, head_prefix)

@@ -27,7 +27,7 @@ def _rope_from(params: dict | None, theta: float, where: str) -> RopeConfig:
                           low_freq_factor=float(params["low_freq_factor"]),
                           high_freq_factor=float(params["high_freq_factor"]),
                           original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise ValueError(f"config.json {where}: RoPE type {rope_type!r} is not supported "
+    raise ValueError(f"config.json: {where}: RoPE type {rope_type!r} is not supported "
                      f"(supported: default, linear, llama3)")
 
 
@@ -109,7 +109,8 @@ def to_hf_config(c: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]
         raise ValueError("Qwen2 has q/k/v biases and no o bias")
     arch = _CAUSAL[family]
     if c.head == "scalar":
-        arch = arch.replace("ForCausalLM", "ForSequenceClassification")
+        arch = "Gemma3TextForSequenceClassification" if family == "gemma3" else \
+            arch.replace("ForCausalLM", "ForSequenceClassification")
     d: dict[str, Any] = {
         "architectures": [arch], "model_type": _MODEL_TYPE[family], "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -124,7 +125,8 @@ def to_hf_config(c: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]
     if c.head == "scalar":
         d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     if family == "gemma3":
-        d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.query_pre_attn_scalar,
+        qpas = c.query_pre_attn_scalar  # transformers' strict config wants an int when it is one
+        d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(qpas) if qpas.is_integer() else qpas,
                  sliding_window=c.sliding_window, rope_local_base_freq=(c.local_rope or c.rope).theta,
                  attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap,
                  attention_bias=c.qkv_bias)
