@@ -189,10 +189,13 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"config\.json.*gpt2.*not supported.*llama"):
         load_hf(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
-                                                      "model_type": "llama", "num_hidden_layers": 1,
-                                                      "layer_types": ["full_attention"] * 2}))
-    with pytest.raises(ValueError, match=r"config\.json: invalid ModelConfig: layer_types has 2 entries"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"config\.json: missing key 'hidden_size'"):
+        load_hf(str(tmp_path))
+    make_hf_model("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 3}))
+    with pytest.raises(ValueError, match=r"config\.json: invalid ModelConfig: layer_types has 3 entries"):
         load_hf(str(tmp_path))
 
 
