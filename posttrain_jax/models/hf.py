@@ -96,7 +96,18 @@ def _to_hf(kind: str, w: np.ndarray) -> np.ndarray:
 
 
 def _expected_hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(_to_hf(kind, np.empty(shape, np.int8)).shape)
+    """Shape of the HF tensor for one of our parameters (the inverse of `_to_ours`)."""
+    if kind == "same":
+        return tuple(shape)
+    if kind == "dense":
+        return tuple(reversed(shape))
+    if kind == "in_heads":
+        return (shape[1] * shape[2], shape[0])
+    if kind == "bias_heads":
+        return (shape[0] * shape[1],)
+    if kind == "out_heads":
+        return (shape[2], shape[0] * shape[1])
+    raise AssertionError(kind)
 
 
 class _Checkpoint:
