@@ -1,0 +1,1 @@
+"""Losses: pure functions of arrays. Math in float32; aggregation explicit."""

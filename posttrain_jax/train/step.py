@@ -1,0 +1,123 @@
+"""The train step: one pure function, one jit boundary.
+
+`objective(model, micro_batch) -> (weighted_sum, sums)` returns the unnormalised
+loss of a micro-batch and a dict of sums for metrics; `denominator(batch)` the
+one divisor of the whole global batch. Gradients of the sums are accumulated
+over micro-batches with `lax.scan` and divided once, so the result does not
+depend on how the global batch was split (see `posttrain_jax.losses.sft`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from posttrain_jax.sharding import constrain
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the model's Params (float32 master weights)
+    opt_state: Any
+    rng: jax.Array
+    ema_params: Any = None
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0,
+                     ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+    """Split the model and build the optimizer state next to each (sharded) parameter."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    # Under jit, optimizer moments inherit their parameter's sharding.
+    opt_state = jax.jit(tx.init)(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                       rng=jax.random.key_data(jax.random.key(seed)),
+                       ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+    return graphdef, state
+
+
+def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shards: int) -> dict[str, jax.Array]:
+    """[global_rows, ...] -> [accum_steps, global_rows // accum_steps, ...].
+
+    Rows are taken from each data shard's own block, so no row changes device;
+    inside a micro-batch rows stay shard-major (what `mean_per_microbatch` needs).
+    """
+    def split(x):
+        rows = x.shape[0]
+        if rows % (accum_steps * data_shards):
+            raise ValueError(f"global batch of {rows} rows does not split into {accum_steps} accumulation steps "
+                             f"x {data_shards} data shards")
+        micro = rows // (accum_steps * data_shards)
+        x = x.reshape(data_shards, accum_steps, micro, *x.shape[1:]).swapaxes(0, 1)
+        x = x.reshape(accum_steps, data_shards * micro, *x.shape[3:])
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict], tuple[jax.Array, dict]],
+                 denominator: Callable[[dict], jax.Array], *, accum_steps: int = 1, data_shards: int = 1):
+    """`grads(params, batch) -> (grads, metrics)` for a whole global batch, divided once."""
+
+    def micro_grads(params, micro):
+        def loss(p):
+            return objective(nnx.merge(graphdef, p), micro)
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def grads_fn(params, batch):
+        denom = denominator(batch)
+        micro = split_microbatches(batch, accum_steps, data_shards)
+        if accum_steps == 1:
+            (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro))
+        else:
+            first = jax.tree.map(lambda x: x[0], micro)
+            sums_shape = jax.eval_shape(lambda: micro_grads(params, first)[0][1])
+            init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros(()),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+
+            def body(carry, mb):
+                g_acc, t_acc, s_acc = carry
+                (t, s), g = micro_grads(params, mb)
+                add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
+                return (jax.tree.map(add, g_acc, g), t_acc + t, jax.tree.map(add, s_acc, s)), None
+
+            (grads, total, sums), _ = jax.lax.scan(body, init, micro)
+        grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+        return grads, {"loss": total / denom, "denominator": denom, **sums}
+
+    return grads_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    objective: Callable[[nnx.Module, dict], tuple[jax.Array, dict]],
+                    denominator: Callable[[dict], jax.Array], *, accum_steps: int = 1, data_shards: int = 1,
+                    ema_decay: float | None = None, schedule: optax.Schedule | None = None):
+    """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+    grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        grads, metrics = grads_fn(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None and ema_decay is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng,
+                             ema_params=ema), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state: TrainState, batch_sharding):
+    """Compile with the state's own shardings in and out, donating the old state."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
