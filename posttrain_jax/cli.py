@@ -1,0 +1,85 @@
+"""`posttrain-jax <command>`: one entry point for every job.
+
+    posttrain-jax sft [--config FILE] [--config.key=value ...] [--resume]
+    posttrain-jax average --checkpoints A B C [--weights ...] --out D
+    posttrain-jax export --checkpoint D --out HF_DIR
+
+Without --config a trainer runs its embedded default (the CPU quickstart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _trainer(name: str):
+    import importlib
+    return importlib.import_module(f"posttrain_jax.trainers.{name}")
+
+
+def _run_trainer(name: str, argv: list[str]) -> None:
+    from posttrain_jax.config import apply_overrides, check_keys, load_config
+    from posttrain_jax.mesh import initialize_distributed
+
+    parser = argparse.ArgumentParser(prog=f"posttrain-jax {name}")
+    parser.add_argument("--config", default=None, help="config file with get_config(); default: the quickstart")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--coordinator", help="multi-process: address:port of process 0")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --config.key=value)")
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    module = _trainer(name)
+    defaults = module.default_config()
+    config = load_config(args.config) if args.config else defaults
+    check_keys(config, defaults)
+    config = apply_overrides(config, rest)
+    module.main(config, resume=args.resume)
+
+
+def _average(argv: list[str]) -> None:
+    from posttrain_jax.checkpoint import average_checkpoints
+    parser = argparse.ArgumentParser(prog="posttrain-jax average",
+                                     description="Weighted mean of the params of N checkpoints (Llama 3 §4.1.5).")
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint step directories")
+    parser.add_argument("--weights", nargs="+", type=float, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    average_checkpoints(args.checkpoints, args.out, weights=args.weights)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.out}")
+
+
+def _export(argv: list[str]) -> None:
+    from posttrain_jax.trainers.export import export_checkpoint
+    parser = argparse.ArgumentParser(prog="posttrain-jax export",
+                                     description="Write a run checkpoint as a Hugging Face model directory.")
+    parser.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoint steps")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA params instead of the live ones")
+    args = parser.parse_args(argv)
+    export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, ema=args.ema)
+    print(f"wrote a Hugging Face checkpoint to {args.out}")
+
+
+COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "average": _average, "export": _export}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

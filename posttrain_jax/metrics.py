@@ -1,0 +1,96 @@
+"""Metrics out of the loop: JSONL + TensorBoard on process 0, a progress bar, MFU.
+
+Only process 0 writes; every process may call `log` (the others do nothing), so
+the loop needs no `if process_index == 0` of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _scalar(value: Any) -> float | int:
+    value = np.asarray(value)
+    return value.item() if value.size == 1 else float(value.mean())
+
+
+class MetricsWriter:
+    """Append-only JSONL (`metrics.jsonl`) and TensorBoard events under `directory`."""
+
+    def __init__(self, directory: str, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self._jsonl = self._tb = None
+        if self.active:
+            os.makedirs(directory, exist_ok=True)
+            self._jsonl = open(self.path, "a", buffering=1)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> dict[str, float]:
+        """Write one row; returns the host scalars (a device sync: call every N steps only)."""
+        row = {f"{prefix}/{k}": _scalar(v) for k, v in jax.device_get(metrics).items()}
+        if self.active:
+            self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **row}) + "\n")
+            if self._tb is not None:
+                for key, value in row.items():
+                    self._tb.add_scalar(key, value, int(step))
+        return row
+
+    def close(self):
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+class Throughput:
+    """Tokens/s, step time and MFU over the steps since the last report."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self):
+        self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, steps: int = 1):
+        self._tokens += tokens
+        self._steps += steps
+
+    def report(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tps = self._tokens / elapsed
+        out = {"tokens_per_s": tps, "step_time_s": elapsed / max(self._steps, 1)}
+        if self.peak_flops:
+            out["mfu"] = tps * self.flops_per_token / (self.peak_flops * jax.device_count())
+        self.reset()
+        return out
+
+
+def progress_bar(total: int | None, initial: int = 0, desc: str = "train"):
+    """A tqdm bar on process 0 (disabled elsewhere)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def measure_matmul_peak(n: int = 2048, dtype=np.float32, repeats: int = 5) -> float:
+    """FLOP/s of a jitted n^3 matmul on the default device: a practical peak for MFU on CPU."""
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
