@@ -44,7 +44,7 @@ def _run_trainer(name: str, argv: list[str]) -> None:
 
 
 def _average(argv: list[str]) -> None:
-    from posttrain_jax.checkpoint import average_checkpoints
+    from posttrain_jax.checkpointing import average_checkpoints
     parser = argparse.ArgumentParser(prog="posttrain-jax average",
                                      description="Weighted mean of the params of N checkpoints (Llama 3 §4.1.5).")
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint step directories")
@@ -74,6 +74,10 @@ COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "average": _average, 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every save phase at INFO through absl; keep ours, quiet theirs.
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")

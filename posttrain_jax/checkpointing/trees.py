@@ -69,17 +69,25 @@ def stored_leaves(state_dir: epath.Path) -> dict[str, StoredLeaf]:
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, ocp.metadata.value.Metadata))[0]
     out = {}
     for keys, leaf in flat:
-        path = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys)
+        path = tuple(_key_name(k) for k in keys)
         shape = getattr(leaf, "shape", None)
         out[leaf.name] = StoredLeaf(leaf.name, path, None if shape is None else tuple(shape),
                                     getattr(leaf, "dtype", None))
     return out
 
 
+def _key_name(key) -> str:
+    """One step of a key path, spelt as Orbax spells it in leaf names."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
 def named_leaves(tree) -> dict[str, Any]:
     """Name (as Orbax writes it) -> leaf, for every leaf of `tree`, in tree order."""
-    names = jax.tree.leaves(ocp.tree.get_param_names(tree))
-    return dict(zip(names, jax.tree.leaves(tree), strict=True))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in keys): leaf for keys, leaf in flat}
 
 
 def is_prng_key(leaf) -> bool:

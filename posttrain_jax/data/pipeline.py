@@ -301,5 +301,3 @@ def make_eval_pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len:
     return _build(tokenized, specs, seq_len=seq_len, global_batch=global_batch, packing=packing, seed=0,
                   shuffle=False, pad_last_batch=True, process_index=process_index,
                   process_count=process_count)  # fmt: skip
-
-

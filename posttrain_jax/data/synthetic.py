@@ -114,10 +114,12 @@ def check_answer(text: str, expected: int) -> bool:
 
 def corpus(num_problems: int = 2000, *, seed: int = 0) -> list[str]:
     """Text to train a tokenizer on: questions, both response styles, role names."""
-    # The Qwen 2.5 default system prompt is in every qwen2.5 rendering.
-    lines = ["system", "user", "assistant", "model", QWEN25_DEFAULT_SYSTEM]
+    # Role names follow a special token in every turn header, so they get
+    # their own lines, as often as turns occur, to become single pieces. The
+    # Qwen 2.5 default system prompt is part of every qwen2.5 rendering.
+    lines = ["system", "model", QWEN25_DEFAULT_SYSTEM]
     for problem in generate_problems(num_problems, seed=seed):
-        lines += [problem.question, problem.response(), problem.response(show_work=True)]
+        lines += ["user", problem.question, "assistant", problem.response(), problem.response(show_work=True)]
     return lines
 
 

@@ -175,7 +175,11 @@ PRESETS: dict[str, Any] = {
     "bench-small": lambda: _llama(vocab_size=32768, hidden_size=512, intermediate_size=1536, num_layers=8,
                                   num_heads=8, num_kv_heads=4, head_dim=64, rope=RopeConfig(theta=500_000.0),
                                   bos_token_id=1, eos_token_id=2, max_position_embeddings=4096),
-    # Tiny models for tests and the CPU quickstart: every family feature, few parameters.
+    # The CPU quickstart: a small Llama-architecture model over the synthetic task's 512-token vocabulary.
+    "quickstart": lambda: _llama(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                                 num_kv_heads=2, head_dim=32, rope=RopeConfig(theta=10_000.0), bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=3, max_position_embeddings=256),
+    # Tiny models for tests: every family feature, few parameters.
     "tiny-llama": lambda: _llama(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=16, rope=dataclasses.replace(_LLAMA31_ROPE,
                                  original_max_position_embeddings=64), bos_token_id=1, eos_token_id=2,

@@ -1,0 +1,85 @@
+"""The host loop shared by the trainers: batches in, steps, metrics, eval, checkpoints.
+
+Metrics are fetched from the device only every `log_every` steps, so the loop
+never waits on the step it just dispatched except at those points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from posttrain_jax.checkpointing import RunCheckpointer, abstract_target
+from posttrain_jax.metrics import MetricsWriter, Throughput, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    total_steps: int
+    log_every: int = 10
+    eval_every: int = 0  # 0: only before and after training
+    checkpoint_every: int = 0  # 0: only at the end
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+
+
+def resume_from_latest(checkpointer: RunCheckpointer, state, data_iter) -> tuple[Any, int]:
+    """Restore the latest complete checkpoint into `state`'s shardings; returns (state, step)."""
+    step = checkpointer.latest_step()
+    if step is None:
+        log.info("no checkpoint in %s: starting from scratch", checkpointer.directory)
+        return state, 0
+    restored, data_state, _ = checkpointer.restore(step, target=abstract_target(state))
+    if data_state is not None:
+        data_iter.set_state(data_state)
+    log.info("resumed from step %d of %s", step, checkpointer.directory)
+    return restored, step
+
+
+def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]],
+               shard: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]], cfg: LoopConfig, *,
+               writer: MetricsWriter, checkpointer: RunCheckpointer | None = None, start_step: int = 0,
+               metadata: dict | None = None, evaluate: Callable[[Any, int], dict] | None = None,
+               derived: Callable[[dict], dict] | None = None):
+    """Run steps `start_step+1 .. total_steps`; returns the final state.
+
+    `batches` must provide `get_state()` (saved with every checkpoint).
+    `derived(host_metrics)` may add metrics computed from the fetched sums.
+    """
+    throughput = Throughput(cfg.flops_per_token, cfg.peak_flops)
+    bar = progress_bar(cfg.total_steps, initial=start_step)
+    step = start_step
+    pending = None
+    for host_batch in batches:
+        if step >= cfg.total_steps:
+            break
+        state, metrics = step_fn(state, shard(host_batch))
+        step += 1
+        throughput.add(int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count())
+        bar.update(1)
+        pending = metrics
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            row = writer.log(step, {**pending, **throughput.report()})
+            if derived is not None:
+                extra = derived({k.removeprefix("train/"): v for k, v in row.items()})
+                row.update(writer.log(step, extra))
+            bar.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}",
+                            tok_s=f"{row.get('train/tokens_per_s', 0):.0f}")
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+            writer.log(step, evaluate(state, step), prefix="eval")
+        if checkpointer is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
+    bar.close()
+    if step < cfg.total_steps:
+        log.warning("data ran out after %d of %d steps", step, cfg.total_steps)
+    if checkpointer is not None and step > start_step:
+        checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
+        checkpointer.wait()
+    return state, step

@@ -1,0 +1,91 @@
+"""Wiring the trainers share: mesh, tokenizer, model and checkpoint directory from config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, load_params, read_metadata, resolve_step_dir
+from posttrain_jax.mesh import make_mesh
+from posttrain_jax.models import Decoder, create_model, from_hf_config, load_hf, preset
+from posttrain_jax.sharding import DEFAULT_RULES, normalize_rules
+
+log = logging.getLogger(__name__)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The `model` section every trainer shares."""
+    return ml_collections.ConfigDict(dict(
+        preset="quickstart",  # a name from posttrain_jax.models.PRESETS (random init) ...
+        hf_path="",  # ... or a local Hugging Face directory ...
+        checkpoint="",  # ... or a run checkpoint (its params)
+        dtype="float32",  # compute dtype; bfloat16 on TPU
+        param_dtype="float32",  # master weights
+        remat=False,
+    ))
+
+
+def mesh_and_rules(config):
+    mesh = make_mesh(dict(config.mesh))
+    rules = normalize_rules(tuple(tuple(r) for r in config.sharding_rules)) + DEFAULT_RULES
+    return mesh, rules
+
+
+def data_shards(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
+                vocab_size: int | None = None) -> Decoder:
+    """The model named by the `model` section, created or loaded straight into its shardings."""
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    if cfg.hf_path:
+        return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
+                       compute_dtype=cfg.dtype, remat=cfg.remat)
+    if cfg.checkpoint:
+        step_dir = resolve_step_dir(cfg.checkpoint)
+        meta = read_metadata(step_dir) or {}
+        if MODEL_CONFIG_KEY not in meta:
+            raise ValueError(f"checkpoint {step_dir} has no model config in its metadata")
+        model_cfg = model_config_from_dict(meta[MODEL_CONFIG_KEY]).replace(head=head, **numerics)
+        model = create_model(model_cfg, mesh=mesh, rules=rules, seed=seed)
+        from flax import nnx
+        from posttrain_jax.checkpointing import abstract_target
+        graphdef, params = nnx.split(model, nnx.Param)
+        params = load_params(step_dir, target=abstract_target(params))
+        return nnx.merge(graphdef, params)
+    model_cfg = preset(cfg.preset, head=head, **numerics)
+    if vocab_size is not None and model_cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
+                         f"{vocab_size} tokens; pick a preset with a large enough vocabulary")
+    return create_model(model_cfg, mesh=mesh, rules=rules, seed=seed)
+
+
+def model_config_to_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def model_config_from_dict(d: dict):
+    from posttrain_jax.models.config import ModelConfig, RopeConfig
+    d = dict(d)
+    d["rope"] = RopeConfig(**d["rope"])
+    d["local_rope"] = RopeConfig(**d["local_rope"]) if d.get("local_rope") else None
+    for key in ("layer_types", "eos_token_id"):
+        if isinstance(d.get(key), list):
+            d[key] = tuple(d[key])
+    return ModelConfig(**d)
+
+
+def run_metadata(config, model) -> dict:
+    return {MODEL_CONFIG_KEY: model_config_to_dict(model.config), "config": json.loads(config.to_json()),
+            "process_count": jax.process_count()}
+
+
+def hf_config_of(path: str):
+    with open(os.path.join(path, "config.json")) as f:
+        return from_hf_config(json.load(f))
