@@ -44,7 +44,7 @@ def resolve_step_dir(path, step: int | None = None) -> epath.Path:
     `*.orbax-checkpoint-tmp-*` directories) are never returned.
     """
     path = as_path(path)
-    if (path / STATE).exists():
+    if (path / STATE).exists() or (path / "_CHECKPOINT_METADATA").exists() or ".orbax-checkpoint-tmp" in path.name:
         if not ocp.path.step.is_path_finalized(path):
             raise FileNotFoundError(f"{path} is an incomplete checkpoint (its save was interrupted); "
                                     f"use a complete step directory or the run directory")

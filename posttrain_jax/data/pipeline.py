@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from posttrain_jax.data.examples import TokenizedSource, check_template, tokenize_source
-from posttrain_jax.data.mixing import mixture_order
+from posttrain_jax.data.mixing import mixture_order, num_draws
 from posttrain_jax.data.packing import BATCH_KEYS, build_row, empty_row, plan_rows
 from posttrain_jax.data.stats import PipelineStats
 from posttrain_jax.tokenizer import Tokenizer
@@ -206,12 +206,19 @@ def _build(sources: list[TokenizedSource], specs: list[SourceSpec], *, seq_len: 
     process_index, process_count, rows = _host_layout(global_batch, process_index, process_count)
     stats = PipelineStats(sources=[s.stats for s in sources], seq_len=seq_len, global_batch=global_batch,
                           packing=packing)  # fmt: skip
+    # A source that contributes nothing is almost always a mistake (wrong
+    # format, wrong column names), worth stopping for rather than training
+    # for hours on the rest of the mixture.
+    for source, spec in zip(sources, specs):
+        if num_draws(len(source), spec.epochs) == 0:
+            raise ValueError(
+                f"source {source.stats.name} contributes no examples ({len(source)} usable examples x "
+                f"{spec.epochs} epochs); fix or remove it:\n" + stats.report()
+            )
     draw_source, draw_example = mixture_order(
         [len(s) for s in sources], epochs=[spec.epochs for spec in specs],
         weights=[spec.weight for spec in specs], seed=seed, shuffle=shuffle,
     )  # fmt: skip
-    if len(draw_source) == 0:
-        raise ValueError("no examples left to train on:\n" + stats.report())
     plan = _Plan(sources, draw_source, draw_example, seq_len, packing)
     if pad_last_batch:
         num_batches = -(-plan.num_rows // global_batch)
@@ -237,8 +244,7 @@ def _build(sources: list[TokenizedSource], specs: list[SourceSpec], *, seq_len: 
     # A few batches of prefetch hide row building; grain's default (500
     # elements) would hold hundreds of batches in memory.
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    fingerprint = plan.fingerprint(_STATE_VERSION, seq_len, global_batch, packing, pad_last_batch,
-                                   [s.stats.name for s in sources])  # fmt: skip
+    fingerprint = plan.fingerprint(_STATE_VERSION, seq_len, global_batch, packing, pad_last_batch)
     iterator = BatchIterator(iter_dataset, num_batches=num_batches, rows=rows, seq_len=seq_len,
                              global_batch=global_batch, fingerprint=fingerprint, stats=stats)  # fmt: skip
     return iterator, stats

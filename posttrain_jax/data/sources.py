@@ -89,13 +89,22 @@ def expand_paths(path: str | Path) -> list[Path]:
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    # Bytes, decoded per line, so a bad encoding is one bad row with a line
+    # number rather than a crash somewhere in the file.
+    with opener(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            location = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRow(location, parse_error=f"not UTF-8: {e}")
+                continue
             # Blank lines (e.g. a trailing newline) hold no row, so they are
             # not rows to count as bad.
             if not line.strip():
                 continue
-            location = f"{path}:{line_number}"
+            if line_number == 1 and line.lstrip().startswith("[") and path.suffix.lower() == ".json":
+                raise DataError(f"{path} looks like one JSON array; write one JSON object per line (JSON Lines)")
             try:
                 yield RawRow(location, json.loads(line))
             except json.JSONDecodeError as e:

@@ -90,17 +90,18 @@ class PipelineStats:
         slots = self.rows * self.seq_len
         fill = 100.0 * self.tokens / slots if slots else 0.0
         mode = "packed" if self.packing else "padded"
-        lines = [
-            f"data: {self.batches} global batches of {self.global_batch} x {self.seq_len} ({mode}); "
-            f"{self.draws} examples, {self.tokens} tokens ({fill:.1f}% of slots), {self.loss_tokens} loss tokens",
-        ]
+        if self.batches:
+            lines = [
+                f"data: {self.batches} global batches of {self.global_batch} x {self.seq_len} ({mode}); "
+                f"{self.draws} examples, {self.tokens} tokens ({fill:.1f}% of slots), {self.loss_tokens} loss tokens"
+            ]
+        else:  # reported before batches were planned (an error on the way)
+            lines = [f"data: {self.examples} examples from {len(self.sources)} source(s), no batches planned"]
         if self.padding_rows:
             lines.append(f"  {self.padding_rows} all-padding rows fill the last batch")
         for s in self.sources:
-            lines.append(
-                f"  {s.name}: {s.rows} rows -> {s.examples} examples ({s.truncated} truncated), "
-                f"{s.draws} draws"
-            )
+            draws = f", {s.draws} draws" if self.batches else ""
+            lines.append(f"  {s.name}: {s.rows} rows -> {s.examples} examples ({s.truncated} truncated){draws}")
             dropped = {
                 "skipped bad rows": s.skipped_bad_rows,
                 "dropped too long": s.dropped_too_long,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +20,10 @@ from posttrain_jax.checkpointing import RunCheckpointer, abstract_target
 from posttrain_jax.metrics import MetricsWriter, Throughput, progress_bar
 
 log = logging.getLogger(__name__)
+
+# Fault injection for the crash-resume tests: SIGKILL this process right after
+# step N (and after starting that step's checkpoint save, if there is one).
+_KILL_AT_STEP = int(os.environ.get("POSTTRAIN_JAX_TEST_SIGKILL_AT_STEP", "0"))
 
 
 @dataclasses.dataclass
@@ -76,6 +82,8 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
             writer.log(step, evaluate(state, step), prefix="eval")
         if checkpointer is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
+        if step == _KILL_AT_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     if step < cfg.total_steps:
         log.warning("data ran out after %d of %d steps", step, cfg.total_steps)

@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         quickstart_task=True,  # write the synthetic task + tokenizer into output_dir/data and use them
         sources=[],  # [{"path": ..., "weight": ..., "epochs": ...}, ...]
+        epochs=1.0,  # multiplies every source's epochs (Tülu 3 SFT: 2)
         eval_path="",
         seq_len=64,
         packing=True,
@@ -72,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
         max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8))
     c.data.quickstart_num_train = 24000
     c.data.quickstart_num_eval = 400
+    c.data.quickstart_show_work = True  # answers as "a + b = c": the model copies, then adds
     return c
 
 
@@ -80,7 +82,8 @@ def _quickstart_data(config) -> None:
     directory = os.path.join(config.output_dir, "data")
     if not os.path.exists(os.path.join(directory, "eval.jsonl")):
         synthetic.make_quickstart_data(directory, num_train=config.data.quickstart_num_train,
-                                       num_eval=config.data.quickstart_num_eval, seed=config.seed)
+                                       num_eval=config.data.quickstart_num_eval, seed=config.seed,
+                                       show_work=config.data.quickstart_show_work)
     with config.unlocked():
         config.tokenizer = os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]
@@ -112,7 +115,7 @@ def make_eval_fn(graphdef, rules, mesh):
                 out = jax.device_get(sums(params, shard_batch(batch, mesh, rules)))
                 total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
         return {"loss": total["nll_sum"] / max(total["loss_tokens"], 1.0),
-                "exact_match": total["exact"] / max(round(total["sequences"]), 1), "sequences": total["sequences"]}
+                "exact_match": total["exact"] / max(round(total["sequences"]), 1), "sequences": round(total["sequences"])}
 
     return evaluate
 
@@ -129,7 +132,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     mesh, rules = mesh_and_rules(config)
     tokenizer = load_tokenizer(config.tokenizer)
     t = config.train
-    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0)) for s in config.data.sources]
+    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0) * config.data.epochs)
+             for s in config.data.sources]
     common = dict(template=config.chat_template, seq_len=config.data.seq_len, global_batch=t.global_batch,
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
                   on_bad_row=config.data.on_bad_row)
@@ -185,7 +189,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         summary["eval_after"] = evaluate(state.params, eval_iter)
         writer.log(last, summary["eval_after"], prefix="eval")
     writer.close()
-    summary.update(final_step=last, wall_time_s=time.time() - started, data=stats.to_dict())
+    summary.update(final_step=last, wall_time_s=time.time() - started, data=stats.to_dict(),
+                   compilations=step_fn._cache_size())  # 1: no recompilation after the first step
     _print_summary(summary, stats)
     return summary
 

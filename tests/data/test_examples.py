@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from posttrain_jax.data import DataError
-from posttrain_jax.data.examples import tokenize_source
-from posttrain_jax.data.sources import expand_paths
-from posttrain_jax.tokenizer import render_chat
+from posttrain_jax.data.examples import encode_conversation, tokenize_source
+from posttrain_jax.data.sources import expand_paths, to_conversation
+from posttrain_jax.tokenizer import CHAT_TEMPLATES, end_of_turn_token, render_chat
 
 from .conftest import END_OF_TURN, TEMPLATE, chat, write_jsonl, write_parquet
 
@@ -147,3 +147,25 @@ def test_paths_globs_directories_gzip(tmp_path, tok):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(DataError, match="notes.txt: unsupported data file type"):
         expand_paths(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+def test_completion_mask_in_every_template(tok, template):
+    earlier = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]
+    conversation = to_conversation({"prompt": earlier + [{"role": "user", "content": "And 3 plus 3?"}],
+                                    "completion": "6"})  # fmt: skip
+    ids, trained = encode_conversation(tok, conversation, template=template)
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == "6" + end_of_turn_token(template)
+    as_chat = encode_conversation(tok, to_conversation({"messages": conversation.messages}), template=template)
+    assert as_chat[0] == ids
+    eot = end_of_turn_token(template)
+    assert tok.decode([i for i, t in zip(*as_chat) if t]) == f"2{eot}6{eot}"
+
+
+def test_json_array_and_bad_encoding(tmp_path, tok):
+    (tmp_path / "array.json").write_text(json.dumps([chat("Hi", "5")]))
+    with pytest.raises(DataError, match="array.json looks like one JSON array"):
+        _tokenize(tmp_path / "array.json", tok)
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(chat("Hi", "5")).encode() + b"\n" + b'{"x": "\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
+        _tokenize(tmp_path / "latin1.jsonl", tok)

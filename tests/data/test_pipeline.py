@@ -189,6 +189,9 @@ def test_config_errors(two_sources, tok):
         _pipeline([SourceSpec(a, weight=0.0)], tok)
     with pytest.raises(ValueError, match=r"unknown data source key\(s\) \['wieght'\]"):
         _pipeline([{"path": a, "wieght": 2.0}], tok)
+    bad = write_jsonl(a.replace("a.jsonl", "bad.jsonl"), [{"text": "hi"}])
+    with pytest.raises(ValueError, match="(?s)bad.jsonl contributes no examples.*skipped bad rows: 1"):
+        _pipeline([a, bad], tok, on_bad_row="skip")
     with pytest.raises(ValueError, match="unknown chat template 'chatlm'"):
         make_sft_pipeline(a, tok, template="chatlm", seq_len=SEQ_LEN, global_batch=4)
 
@@ -200,3 +203,16 @@ def test_example_boundary_check(tmp_path, tok):
     rendered = {tuple(render_chat(tok, r["messages"], template=TEMPLATE).ids) for r in rows}
     iterator, _ = _pipeline(path, tok, global_batch=2)
     assert all(unshifted(s) in rendered for batch in iterator for s in segments(batch))
+
+
+def test_grain_checkpoint_handler_round_trip(two_sources, tok, tmp_path):
+    from etils import epath
+    from grain.checkpoint import CheckpointHandler
+
+    iterator, _ = _pipeline(list(two_sources), tok, seed=4, global_batch=2)
+    next(iterator)
+    CheckpointHandler().save(epath.Path(tmp_path), item=iterator)
+    expected = next(iterator)
+    restored, _ = _pipeline(list(two_sources), tok, seed=4, global_batch=2)
+    CheckpointHandler().restore(epath.Path(tmp_path), item=restored)
+    assert _same([next(restored)], [expected])

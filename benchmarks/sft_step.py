@@ -1,0 +1,280 @@
+"""SFT train-step throughput, MFU and peak memory: posttrain_jax next to PyTorch + transformers.
+
+One run measures, each in its own fresh subprocess so the frameworks never share
+the (few) cores or the RSS high-water mark:
+
+1. `matmul_peak`: FLOP/s of a jitted n^3 fp32 matmul, the denominator of MFU;
+2. `sft_step` / posttrain_jax: the step exactly as `posttrain_jax.trainers.sft.main`
+   builds it (create_model, init_train_state, make_train_step with the SFT
+   objective and denominator, jit_train_step), on a synthetic packed-free batch;
+3. `sft_step` / pytorch: `LlamaForCausalLM` (sdpa) with the same config, AdamW,
+   grad-norm clipping, cross-entropy over every token;
+4. `sft_step_ratio`: ours / PyTorch tokens/s (medians over rounds).
+
+Every measurement is one JSON line on stdout, also appended to `--out`.
+
+    .venv/bin/python benchmarks/sft_step.py                      # bench-small, 8 x 512, both frameworks
+    .venv/bin/python benchmarks/sft_step.py --rounds 3           # alternate jax/torch 3 times, report medians
+    .venv/bin/python benchmarks/sft_step.py --frameworks jax     # ours only (tuning)
+    .venv/bin/python benchmarks/sft_step.py --quick --preset tiny-llama --batch 2 --seq-len 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FRAMEWORKS = {"jax": "posttrain_jax", "torch": "pytorch"}
+
+# XLA CPU flags for the JAX subprocess, appended to any XLA_FLAGS already in the
+# environment. See benchmarks/README.md for what each one does and what it buys.
+DEFAULT_XLA_FLAGS = ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="bench-small", help="posttrain_jax.models preset (default bench-small)")
+    p.add_argument("--batch", type=int, default=8, help="global batch in rows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 8; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default 2; 1 --quick)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the frameworks this many times")
+    p.add_argument("--frameworks", default="jax,torch", help="comma list of: jax, torch")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 fp32 matmul that measures peak FLOP/s")
+    p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS, help="extra XLA_FLAGS for the JAX subprocess")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: CPU count)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "sft_step.jsonl"), help="JSONL file to append to")
+    p.add_argument("--quick", action="store_true", help="smoke test: few steps, small peak matmul")
+    p.add_argument("--worker", choices=("peak", "jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 2 if args.quick else 8
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.quick:
+        args.peak_size = min(args.peak_size, 512)
+    if args.threads is None:
+        args.threads = os.cpu_count() or 1
+    return args
+
+
+def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict:
+    """Unpacked rows, every token trained: the same arrays go to both frameworks."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
+    ones = np.ones((batch, seq_len), np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+            "segment_ids": ones, "loss_mask": ones}
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def timed_steps(run_step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Per-step wall times of `steps` steps after `warmup` untimed ones; and every loss seen."""
+    losses = []
+    for _ in range(warmup):
+        losses.append(run_step())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(run_step())  # run_step blocks until the step's results are ready
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def throughput(args, times: list[float]) -> dict:
+    tokens = args.batch * args.seq_len
+    median = statistics.median(times)
+    return {"tokens_per_step": tokens, "step_time_s_median": median, "step_time_s_min": min(times),
+            "step_times_s": [round(t, 4) for t in times], "tokens_per_s": tokens / median}
+
+
+# ------------------------------------------------------------------ workers (run in subprocesses)
+
+def worker_peak(args) -> dict:
+    import jax
+    from posttrain_jax.metrics import measure_matmul_peak
+    return {"bench": "matmul_peak", "framework": "jax", "n": args.peak_size, "dtype": "float32",
+            "flops_per_s": measure_matmul_peak(args.peak_size), "devices": str(jax.devices())}
+
+
+def worker_jax(args) -> dict:
+    import jax
+    from posttrain_jax.mesh import make_mesh
+    from posttrain_jax.models import create_model, preset
+    from posttrain_jax.sharding import DEFAULT_RULES, batch_sharding, logical_rules, shard_batch
+    from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+    from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
+
+    # Wired as posttrain_jax.trainers.sft.main does it (default mesh, rules, optimizer).
+    mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), DEFAULT_RULES
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    config = preset(args.preset)
+    model = create_model(config, mesh=mesh, rules=rules, seed=0)
+    tx, schedule = make_optimizer(learning_rate=1e-4, total_steps=1000, warmup_ratio=0.05, max_grad_norm=1.0)
+    graphdef, state = init_train_state(model, tx, seed=0)
+    del model
+    step = make_train_step(graphdef, tx, make_sft_objective("token_mean", data_shards=shards),
+                           make_sft_denominator("token_mean", data_shards=shards), data_shards=shards,
+                           schedule=schedule)
+    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules))
+    with jax.set_mesh(mesh), logical_rules(rules):
+        batch = shard_batch(synthetic_batch(config.vocab_size, args.batch, args.seq_len), mesh, rules)
+        start = time.perf_counter()
+        # The executable jit would build; compiled ahead so its memory analysis can be read.
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        holder = {"state": state}
+        del state
+
+        def run_step():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return float(jax.block_until_ready(metrics)["loss"])  # also waits for the new state
+
+        times, losses = timed_steps(run_step, args.steps, args.warmup)
+    jax.block_until_ready(holder["state"])
+    record = {"framework": FRAMEWORKS["jax"], "version": f"jax {jax.__version__}", "compile_s": compile_s,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "flops_per_token": config.flops_per_token(args.seq_len),
+              "num_params": config.num_params(), **throughput(args, times),
+              "loss_first": losses[0], "loss_last": losses[-1], "max_rss_mib": max_rss_mib()}
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        analysis = None
+    if analysis is not None:
+        fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes")
+        mem = {f.replace("_size_in_bytes", "_mib"): getattr(analysis, f, 0) / 2**20 for f in fields}
+        # Donated state aliases the outputs: live = arguments + non-aliased outputs + temporaries.
+        mem["total_mib"] = mem["argument_mib"] + mem["output_mib"] - mem["alias_mib"] + mem["temp_mib"]
+        record["xla_memory"] = mem
+    return record
+
+
+def worker_torch(args) -> dict:
+    import torch
+    import transformers
+    from posttrain_jax.models import preset, to_hf_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = preset(args.preset)
+    hf = to_hf_config(config)
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                          dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    batch = synthetic_batch(config.vocab_size, args.batch, args.seq_len)
+    tokens = torch.from_numpy(batch["tokens"]).long()
+    targets = torch.from_numpy(batch["targets"]).long()
+
+    def run_step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    times, losses = timed_steps(run_step, args.steps, args.warmup)
+    n = args.peak_size
+    a = torch.ones(n, n)
+    best = min(_timeit(lambda: a @ a) for _ in range(5))
+    return {"framework": FRAMEWORKS["torch"], "version": f"torch {torch.__version__}, transformers "
+            f"{transformers.__version__}", "threads": torch.get_num_threads(), "attn_implementation": "sdpa",
+            "flops_per_token": config.flops_per_token(args.seq_len), "num_params": config.num_params(),
+            **throughput(args, times), "loss_first": losses[0], "loss_last": losses[-1],
+            "max_rss_mib": max_rss_mib(), "torch_matmul_flops_per_s": 2 * n**3 / best}
+
+
+def _timeit(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ driver
+
+def run_worker(kind: str, argv: list[str], args) -> dict:
+    """Run one worker in a fresh interpreter and return its record."""
+    env = dict(os.environ)
+    if kind in ("jax", "peak"):
+        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags) if f).strip()
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind, "--result-file", result]
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind} worker failed with exit code {proc.returncode}: {' '.join(cmd)}")
+        with open(result) as f:
+            return json.load(f)
+
+
+def emit(record: dict, out_path: str) -> None:
+    line = json.dumps(record, sort_keys=False)
+    print(line, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "a") as f:
+        f.write(line + "\n")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        record = {"peak": worker_peak, "jax": worker_jax, "torch": worker_torch}[args.worker](args)
+        with open(args.result_file, "w") as f:
+            json.dump(record, f)
+        return
+
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = set(frameworks) - set(FRAMEWORKS)
+    if unknown:
+        raise SystemExit(f"unknown --frameworks {sorted(unknown)}; choose from {sorted(FRAMEWORKS)}")
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    common = {"run": run_id, "host": platform.node(), "cpus": os.cpu_count(), "preset": args.preset,
+              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup}
+    peaks, tokens_per_s = [], {f: [] for f in frameworks}
+    for round_index in range(args.rounds):
+        peak = run_worker("peak", argv, args)
+        peaks.append(peak["flops_per_s"])
+        emit({**common, "round": round_index, **peak}, args.out)
+        for framework in frameworks:
+            record = run_worker(framework, argv, args)
+            # One peak for both frameworks (the best seen so far): MFU compares like with like.
+            record["peak_flops_per_s"] = max(peaks)
+            record["mfu"] = record["tokens_per_s"] * record["flops_per_token"] / max(peaks)
+            tokens_per_s[framework].append(record["tokens_per_s"])
+            emit({**common, "round": round_index, "bench": "sft_step", **record}, args.out)
+    if set(frameworks) == set(FRAMEWORKS):
+        ours, theirs = (statistics.median(tokens_per_s[f]) for f in ("jax", "torch"))
+        emit({**common, "bench": "sft_step_ratio", "rounds": args.rounds, "ours_tokens_per_s": ours,
+              "pytorch_tokens_per_s": theirs, "ratio": ours / theirs, "target": 0.8,
+              "ours_mfu": ours * _flops_per_token(args) / max(peaks),
+              "pytorch_mfu": theirs * _flops_per_token(args) / max(peaks)}, args.out)
+
+
+def _flops_per_token(args) -> float:
+    from posttrain_jax.models import preset
+    return preset(args.preset).flops_per_token(args.seq_len)
+
+
+if __name__ == "__main__":
+    main()
