@@ -262,18 +262,14 @@ def main(argv=None) -> None:
             record["peak_flops_per_s"] = max(peaks)
             record["mfu"] = record["tokens_per_s"] * record["flops_per_token"] / max(peaks)
             tokens_per_s[framework].append(record["tokens_per_s"])
+            flops_per_token = record["flops_per_token"]
             emit({**common, "round": round_index, "bench": "sft_step", **record}, args.out)
     if set(frameworks) == set(FRAMEWORKS):
         ours, theirs = (statistics.median(tokens_per_s[f]) for f in ("jax", "torch"))
         emit({**common, "bench": "sft_step_ratio", "rounds": args.rounds, "ours_tokens_per_s": ours,
               "pytorch_tokens_per_s": theirs, "ratio": ours / theirs, "target": 0.8,
-              "ours_mfu": ours * _flops_per_token(args) / max(peaks),
-              "pytorch_mfu": theirs * _flops_per_token(args) / max(peaks)}, args.out)
-
-
-def _flops_per_token(args) -> float:
-    from posttrain_jax.models import preset
-    return preset(args.preset).flops_per_token(args.seq_len)
+              "ours_mfu": ours * flops_per_token / max(peaks), "pytorch_mfu": theirs * flops_per_token / max(peaks)},
+             args.out)
 
 
 if __name__ == "__main__":

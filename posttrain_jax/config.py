@@ -46,6 +46,8 @@ def _parse(text: str, current, key: str):
         return float(value)
     if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(current)(value)
+    if isinstance(current, (ml_collections.ConfigDict, dict)) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)  # a whole section, e.g. --config.mesh="{'data': 2, ...}"
     if not isinstance(value, type(current)):
         raise ValueError(f"--config.{key}={text}: expected {type(current).__name__}, got {type(value).__name__}")
     return value

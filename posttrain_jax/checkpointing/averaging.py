@@ -128,7 +128,8 @@ def average_checkpoints(checkpoints: Sequence, out_dir, *, weights: Sequence[flo
     memory stays near one model (the average) plus one float32 leaf. The average
     is stored in each leaf's original dtype. With `target` (abstract params with
     shardings, as for `load_params`) each leaf is read and summed sharded on the
-    mesh; without, on the host in numpy.
+    mesh; without, on the host in numpy (on a multi-host run every process then
+    holds the whole average: pass a target there). All processes call it together.
 
     The output, `<out_dir>/<step>` (step default: the largest input step), holds
     `{"params": average}` plus the first checkpoint's metadata with an

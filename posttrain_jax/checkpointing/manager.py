@@ -6,7 +6,7 @@ A run directory holds one directory per step, each with three Orbax items:
     <dir>/<step>/data_state/   process_<i>-of-<n>.json, one per process
     <dir>/<step>/metadata/     JSON: config, model config, tokenizer path, ...
 
-Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>` and renames it to
+Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to
 `<step>` only once every process has finished (on GCS, where renames are not
 atomic, a `commit_success.txt` marks completion instead). A process killed
 mid-save therefore leaves an unfinished temporary directory, which step listing
@@ -119,20 +119,29 @@ class RunCheckpointer:
     `save`, `wait` or `close` waits for it. Besides the interval, Orbax also saves
     the first step of a run with no checkpoint yet, and any step at which a
     preemption notice was received (TPU maintenance events).
+
+    A writer deletes the unfinished saves it finds at start-up (they are what a
+    killed run leaves). Any other process that opens a live run's directory
+    (evaluation, export) must pass `read_only=True`, or it would delete the save
+    the run is writing; a read-only checkpointer never saves or deletes.
     """
 
-    def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True, save_interval_steps: int = 1):
+    def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True, save_interval_steps: int = 1,
+                 read_only: bool = False):
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be at least 1 (or None to keep every checkpoint), got {keep}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be at least 1, got {save_interval_steps}")
         self.directory = as_path(directory)
+        self._read_only = read_only
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep) if keep is not None else None,
             enable_async_checkpointing=async_save,
-            # Interrupted saves of an earlier process are removed on start-up.
-            cleanup_tmp_directories=True,
+            # Interrupted saves of an earlier process are removed on start-up (in the background;
+            # the first save waits for it).
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             STATE: ocp.PyTreeCheckpointHandler(), METADATA: ocp.JsonCheckpointHandler(),
@@ -144,8 +153,10 @@ class RunCheckpointer:
 
         Returns True if a save was started. A step that is already saved is skipped.
         """
+        if self._read_only:
+            raise ValueError(f"this RunCheckpointer on {self.directory} is read-only; it cannot save step {step}")
         step = int(step)
-        if step in self.all_steps():
+        if step in self._manager.all_steps():  # complete, or being written by the previous save
             log.info("checkpoint for step %d already exists in %s; not saving it again", step, self.directory)
             return False
         items = {STATE: ocp.args.PyTreeSave(state)}
@@ -165,6 +176,8 @@ class RunCheckpointer:
 
     def all_steps(self) -> list[int]:
         """Steps of all complete checkpoints, ascending."""
+        if self._read_only:
+            self._manager.reload()  # the writer is another process: read the directory afresh
         in_flight = self._manager.is_saving_in_progress()
         steps = sorted(self._manager.all_steps())
         if in_flight and steps:
@@ -193,9 +206,19 @@ class RunCheckpointer:
             items[METADATA] = ocp.args.JsonRestore()
         if restore_data_state and (step_dir / DATA_STATE).exists():
             items[DATA_STATE] = DataStateRestore()
+        if int(step_dir.name) not in self._manager.all_steps():
+            self._manager.reload()  # written by another process since this checkpointer was opened
         restored = self._manager.restore(int(step_dir.name), args=ocp.args.Composite(**items))
         return (restored[STATE], restored[DATA_STATE] if DATA_STATE in items else None,
                 restored[METADATA] if METADATA in items else None)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once the cluster announced a preemption (all processes agree at `step`).
+
+        The save at such a step happens regardless of the interval; the loop should
+        then `wait()` and exit.
+        """
+        return self._manager.reached_preemption(int(step))
 
     def wait(self) -> None:
         """Block until any asynchronous save has been written and finalised."""

@@ -41,7 +41,7 @@ def resolve_step_dir(path, step: int | None = None) -> epath.Path:
 
     `path` is either a run directory (holding step directories; `step=None` picks
     the latest complete one) or one step directory. Interrupted saves (Orbax's
-    `*.orbax-checkpoint-tmp-*` directories) are never returned.
+    `<step>.orbax-checkpoint-tmp*` directories) are never returned.
     """
     path = as_path(path)
     if (path / STATE).exists() or (path / "_CHECKPOINT_METADATA").exists() or ".orbax-checkpoint-tmp" in path.name:

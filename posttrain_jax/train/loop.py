@@ -22,8 +22,10 @@ from posttrain_jax.metrics import MetricsWriter, Throughput, progress_bar
 log = logging.getLogger(__name__)
 
 # Fault injection for the crash-resume tests: SIGKILL this process right after
-# step N (and after starting that step's checkpoint save, if there is one).
+# step N, while that step's asynchronous checkpoint save is still being written,
+# or, with ..._AFTER_SAVE=1, once every started save is complete.
 _KILL_AT_STEP = int(os.environ.get("POSTTRAIN_JAX_TEST_SIGKILL_AT_STEP", "0"))
+_KILL_AFTER_SAVE = os.environ.get("POSTTRAIN_JAX_TEST_SIGKILL_AFTER_SAVE") == "1"
 
 
 @dataclasses.dataclass
@@ -61,7 +63,7 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
     """
     throughput = Throughput(cfg.flops_per_token, cfg.peak_flops)
     bar = progress_bar(cfg.total_steps, initial=start_step)
-    step = start_step
+    step = last_saved = start_step
     pending = None
     for host_batch in batches:
         if step >= cfg.total_steps:
@@ -72,22 +74,26 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
         bar.update(1)
         pending = metrics
         if step % cfg.log_every == 0 or step == cfg.total_steps:
-            row = writer.log(step, {**pending, **throughput.report()})
+            host = jax.device_get(pending)  # the only device sync of the loop
             if derived is not None:
-                extra = derived({k.removeprefix("train/"): v for k, v in row.items()})
-                row.update(writer.log(step, extra))
+                host.update(derived(host))
+            row = writer.log(step, {**host, **throughput.report()})
             bar.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}",
                             tok_s=f"{row.get('train/tokens_per_s', 0):.0f}")
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
             writer.log(step, evaluate(state, step), prefix="eval")
         if checkpointer is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
+            last_saved = step
         if step == _KILL_AT_STEP:
+            if _KILL_AFTER_SAVE and checkpointer is not None:
+                checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     if step < cfg.total_steps:
         log.warning("data ran out after %d of %d steps", step, cfg.total_steps)
-    if checkpointer is not None and step > start_step:
-        checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
+    if checkpointer is not None:
+        if step > last_saved:
+            checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
         checkpointer.wait()
     return state, step

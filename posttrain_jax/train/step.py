@@ -29,15 +29,30 @@ class TrainState:
     ema_params: Any = None
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0,
-                     ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-    """Split the model and build the optimizer state next to each (sharded) parameter."""
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0, ema: bool = False,
+                     mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """Split the model and build the optimizer state next to each (sharded) parameter.
+
+    With a mesh, scalars (step, RNG) are replicated on it so the whole state
+    lives on the mesh the step is compiled for.
+    """
     graphdef, params = nnx.split(model, nnx.Param)
-    # Under jit, optimizer moments inherit their parameter's sharding.
-    opt_state = jax.jit(tx.init)(params)
+    # Eager init: zeros_like keeps each parameter's sharding for its moments (under
+    # jit they would land on one device).
+    opt_state = tx.init(params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                        rng=jax.random.key_data(jax.random.key(seed)),
                        ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def on_mesh(x):  # scalars (step, RNG, optimizer counts) are made on one device
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+                return x
+            return jax.device_put(x, replicated)
+
+        state = jax.tree.map(on_mesh, state)
     return graphdef, state
 
 
@@ -106,7 +121,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         ema = state.ema_params
         if ema is not None and ema_decay is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])

@@ -152,7 +152,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                                   warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
                                   weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
                                   eps=o.eps)
-    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0)
+    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh)
     shards = data_shards(mesh)
     step = make_train_step(
         graphdef, tx, make_sft_objective(t.loss_aggregation, data_shards=shards,
@@ -178,7 +178,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     loop_cfg = LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
                           checkpoint_every=t.checkpoint_every, peak_flops=peak,
                           flops_per_token=model.config.flops_per_token(config.data.seq_len))
-    derived = lambda m: {"loss_per_token": m["nll_sum"] / max(m["loss_tokens"], 1.0)}  # noqa: E731
+    derived = lambda m: {"loss_per_token": float(m["nll_sum"]) / max(float(m["loss_tokens"]), 1.0)}  # noqa: E731
     with jax.set_mesh(mesh), logical_rules(rules):
         state, last = train_loop(
             state, step_fn, train_iter, lambda b: shard_batch(b, mesh, rules), loop_cfg, writer=writer,
