@@ -3,6 +3,7 @@
     posttrain-jax sft [--config FILE] [--config.key=value ...] [--resume]
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
+    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
 
 Without --config a trainer runs its embedded default (the CPU quickstart).
 """
@@ -14,9 +15,12 @@ import logging
 import sys
 
 
+_MODULES = {"sft": "posttrain_jax.trainers.sft", "ablate": "posttrain_jax.ablation"}
+
+
 def _trainer(name: str):
     import importlib
-    return importlib.import_module(f"posttrain_jax.trainers.{name}")
+    return importlib.import_module(_MODULES[name])
 
 
 def _run_trainer(name: str, argv: list[str]) -> None:
@@ -68,7 +72,19 @@ def _export(argv: list[str]) -> None:
     print(f"wrote a Hugging Face checkpoint to {args.out}")
 
 
-COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "average": _average, "export": _export}
+def _ablate(argv: list[str]) -> None:
+    import os
+    import sys as _sys
+    # The gradient part compares splits over 8 devices: on a CPU host, make 8 (before jax starts).
+    if "jax" not in _sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_force_host_platform_device_count=8").strip()
+    _run_trainer("ablate", argv)
+
+
+COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "average": _average, "export": _export,
+            "ablate": _ablate}
 
 
 def main(argv: list[str] | None = None) -> None:

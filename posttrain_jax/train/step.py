@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from posttrain_jax.checkpointing.averaging import ema_update
 from posttrain_jax.sharding import constrain
 
 
@@ -120,7 +121,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None and ema_decay is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = ema_update(ema, params, ema_decay)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)

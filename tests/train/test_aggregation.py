@@ -9,14 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from posttrain_jax.mesh import make_mesh
+from posttrain_jax.ablation import gradient_for_split, max_relative_difference
 from posttrain_jax.models import create_model, preset
-from posttrain_jax.sharding import DEFAULT_RULES, batch_sharding, logical_rules, shard_batch
-from posttrain_jax.train import make_grad_fn
-from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
 SPLITS = [(1, 8, 1), (8, 1, 1), (2, 2, 2), (1, 1, 8), (4, 2, 1)]
 CONFIG = preset("tiny-llama")
@@ -43,22 +39,10 @@ def global_batch(seed=0):
 
 
 def grads_for(aggregation, split, params_seed=0):
-    devices, accum, micro = split
-    mesh = make_mesh({"data": devices}, devices=jax.devices()[:devices])
-    model = create_model(CONFIG, mesh=mesh, seed=params_seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    fn = make_grad_fn(graphdef, make_sft_objective(aggregation, data_shards=devices),
-                      make_sft_denominator(aggregation, accum_steps=accum, data_shards=devices),
-                      accum_steps=accum, data_shards=devices)
-    with jax.set_mesh(mesh), logical_rules(DEFAULT_RULES):
-        batch = shard_batch(global_batch(), mesh)
-        grads, metrics = jax.jit(fn)(params, batch)
-    assert batch["tokens"].sharding == batch_sharding(mesh)
-    return [np.asarray(g) for g in jax.tree.leaves(grads)], jax.device_get(metrics)
+    return gradient_for_split(CONFIG, global_batch(), aggregation, split, seed=params_seed)
 
 
-def max_rel_diff(a, b):
-    return max(float(np.abs(x - y).max() / (np.abs(y).max() + 1e-30)) for x, y in zip(a, b))
+max_rel_diff = max_relative_difference
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "token_mean", "sequence_mean"])
