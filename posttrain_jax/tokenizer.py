@@ -378,6 +378,10 @@ def validate_messages(messages: Sequence[Message]) -> None:
 
 
 def _check_template_tokens(tokenizer: Tokenizer, name: str, tokens: Iterable[str]) -> None:
+    # Once per tokenizer and template: a data pre-pass renders every row.
+    checked = tokenizer.__dict__.setdefault("_checked_templates", set())
+    if name in checked:
+        return
     for token in tokens:
         try:
             token_id = tokenizer.token_to_id(token)
@@ -391,6 +395,7 @@ def _check_template_tokens(tokenizer: Tokenizer, name: str, tokens: Iterable[str
                 f"{token_id} when it appears in text; it must be an added/special token (HF) or a "
                 "user_defined_symbol (SentencePiece)"
             )
+    checked.add(name)
 
 
 def _join(parts: Parts) -> tuple[str, list[tuple[int, int]]]:

@@ -63,11 +63,11 @@ class ArithmeticProblem:
                 {"role": "assistant", "content": self.response(show_work=show_work)}]  # fmt: skip
 
 
-def make_problem(rng: random.Random) -> ArithmeticProblem:
+def make_problem(rng: random.Random, max_operand: int = MAX_OPERAND) -> ArithmeticProblem:
     """Draw one problem using `rng`."""
     template, op = rng.choice(_TEMPLATES)
     name, pronoun = rng.choice(_NAMES)
-    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     if op == "-" and b > a:  # keep answers non-negative
         a, b = b, a
     answer = a + b if op == "+" else a - b
@@ -75,13 +75,13 @@ def make_problem(rng: random.Random) -> ArithmeticProblem:
     return ArithmeticProblem(question=question, a=a, b=b, op=op, answer=answer)
 
 
-def generate_problems(num_problems: int, *, seed: int = 0) -> list[ArithmeticProblem]:
+def generate_problems(num_problems: int, *, seed: int = 0, max_operand: int = MAX_OPERAND) -> list[ArithmeticProblem]:
     """`num_problems` problems, the same for the same seed."""
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(num_problems)]
+    return [make_problem(rng, max_operand) for _ in range(num_problems)]
 
 
-def write_arithmetic_jsonl(path: str | Path, num_problems: int, *, seed: int = 0,
+def write_arithmetic_jsonl(path: str | Path, num_problems: int, *, seed: int = 0, max_operand: int = MAX_OPERAND,
                            show_work: bool = False) -> Path:  # fmt: skip
     """Write problems as chat JSONL rows ``{"messages": [...], "answer": int}``.
 
@@ -91,7 +91,7 @@ def write_arithmetic_jsonl(path: str | Path, num_problems: int, *, seed: int = 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for problem in generate_problems(num_problems, seed=seed):
+        for problem in generate_problems(num_problems, seed=seed, max_operand=max_operand):
             row = {"messages": problem.messages(show_work=show_work), "answer": problem.answer}
             f.write(json.dumps(row) + "\n")
     return path
@@ -150,12 +150,15 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
 
 
 def make_quickstart_data(directory: str | Path, *, num_train: int = 20000, num_eval: int = 500, seed: int = 0,
+                         max_operand: int = MAX_OPERAND,
                          show_work: bool = False, vocab_size: int = 512) -> dict[str, Path]:  # fmt: skip
     """Write ``train.jsonl``, ``eval.jsonl`` (another seed) and
     ``tokenizer.model`` into `directory`; return their paths by name."""
     directory = Path(directory)
     return {
-        "train": write_arithmetic_jsonl(directory / "train.jsonl", num_train, seed=seed, show_work=show_work),
-        "eval": write_arithmetic_jsonl(directory / "eval.jsonl", num_eval, seed=seed + 1, show_work=show_work),
+        "train": write_arithmetic_jsonl(directory / "train.jsonl", num_train, seed=seed, show_work=show_work,
+                                        max_operand=max_operand),
+        "eval": write_arithmetic_jsonl(directory / "eval.jsonl", num_eval, seed=seed + 1, show_work=show_work,
+                                       max_operand=max_operand),
         "tokenizer": train_sentencepiece(directory / "tokenizer", corpus(seed=seed), vocab_size=vocab_size),
     }

@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.quickstart_num_train = 24000
     c.data.quickstart_num_eval = 400
     c.data.quickstart_show_work = True  # answers as "a + b = c": the model copies, then adds
+    c.data.quickstart_max_operand = 19  # operands 1..19: learnable on 2 CPU cores in minutes
     return c
 
 
@@ -83,7 +84,8 @@ def _quickstart_data(config) -> None:
     if not os.path.exists(os.path.join(directory, "eval.jsonl")):
         synthetic.make_quickstart_data(directory, num_train=config.data.quickstart_num_train,
                                        num_eval=config.data.quickstart_num_eval, seed=config.seed,
-                                       show_work=config.data.quickstart_show_work)
+                                       show_work=config.data.quickstart_show_work,
+                                       max_operand=config.data.quickstart_max_operand)
     with config.unlocked():
         config.tokenizer = os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]
