@@ -110,3 +110,12 @@ def test_token_mean_equals_transformers_num_items_in_batch():
     _, metrics = grads_for("token_mean", (2, 2, 2))
     print(f"token_mean {metrics['loss']:.8f} vs transformers {hf_total:.8f}")
     assert abs(metrics["loss"] - hf_total) < 1e-5 * abs(hf_total)
+
+
+def test_bfloat16_compute_keeps_float32_master_gradients():
+    """bf16 activations, fp32 master weights: fp32 gradients close to the all-fp32 ones."""
+    low, _ = gradient_for_split(CONFIG.replace(dtype="bfloat16"), global_batch(), "token_mean", (2, 2, 2))
+    high, _ = grads_for("token_mean", (2, 2, 2))
+    assert all(g.dtype == np.float32 for g in low)
+    # A bound for bf16 rounding of activations (8 mantissa bits), not a parity tolerance.
+    assert max_rel_diff(low, high) < 0.1
