@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, schedule="linear", warmup_ratio=0.05, min_lr_ratio=0.0, weight_decay=0.0,
         max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8))
-    c.data.quickstart_num_train = 24000
+    c.data.quickstart_num_train = 40000
     c.data.quickstart_num_eval = 400
     c.data.quickstart_show_work = True  # answers as "a + b = c": the model copies, then adds
     c.data.quickstart_max_operand = 19  # operands 1..19: learnable on 2 CPU cores in minutes
