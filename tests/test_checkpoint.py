@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx, struct
 
-from posttrain_jax.checkpoint import (MODEL_CONFIG_KEY, RunCheckpointer, abstract_target, average_checkpoints,
+from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, RunCheckpointer, abstract_target, average_checkpoints,
                                       ema_update, load_params, read_metadata, resolve_step_dir)
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import abstract_model, model_shardings, preset
@@ -180,7 +180,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from posttrain_jax.checkpoint import RunCheckpointer
+    from posttrain_jax.checkpointing import RunCheckpointer
     from posttrain_jax.mesh import make_mesh
 
     kill_point, directory = sys.argv[1], sys.argv[2]
