@@ -351,6 +351,12 @@ def end_of_turn_token(template: str) -> str:
     return _get_template(template).end_of_turn
 
 
+def template_special_tokens(template: str) -> tuple[str, ...]:
+    """The special token strings `template` writes (turn and role-header
+    delimiters, end of turn); each is a single id in a compatible tokenizer."""
+    return _get_template(template).special_tokens
+
+
 def validate_messages(messages: Sequence[Message]) -> None:
     """Raise ValueError (naming the message index) unless `messages` is an
     optional leading system message followed by alternating user/assistant

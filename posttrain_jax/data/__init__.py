@@ -52,3 +52,30 @@ __all__ = [
     "make_eval_pipeline",
     "make_sft_pipeline",
 ]
+
+# Preference data (reward models, DPO): see `posttrain_jax.data.preference`.
+from posttrain_jax.data.preference import (  # noqa: E402
+    PREFERENCE_BATCH_KEYS,
+    STRENGTHS,
+    PreferenceBatchIterator,
+    PreferenceStats,
+    batch_sequence_ids,
+    make_preference_eval_pipeline,
+    make_preference_pipeline,
+    pair_sums,
+    write_arithmetic_preferences,
+)
+from posttrain_jax.data.preference_rows import PreferenceSourceStats  # noqa: E402
+
+__all__ += [
+    "PREFERENCE_BATCH_KEYS",
+    "STRENGTHS",
+    "PreferenceBatchIterator",
+    "PreferenceSourceStats",
+    "PreferenceStats",
+    "batch_sequence_ids",
+    "make_preference_eval_pipeline",
+    "make_preference_pipeline",
+    "pair_sums",
+    "write_arithmetic_preferences",
+]

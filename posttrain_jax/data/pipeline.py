@@ -81,7 +81,8 @@ def _as_specs(sources) -> list[SourceSpec]:
     return specs
 
 
-def _host_layout(global_batch: int, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+def _host_layout(global_batch: int, process_index: int | None, process_count: int | None, *,
+                 name: str = "global_batch") -> tuple[int, int, int]:  # fmt: skip
     if process_index is None or process_count is None:
         import jax
 
@@ -90,7 +91,7 @@ def _host_layout(global_batch: int, process_index: int | None, process_count: in
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(f"global_batch {global_batch} must be a positive multiple of the {process_count} processes")
+        raise ValueError(f"{name} {global_batch} must be a positive multiple of the {process_count} processes")
     return process_index, process_count, global_batch // process_count
 
 
