@@ -1,8 +1,11 @@
 """The train step: one pure function, one jit boundary.
 
-`objective(model, micro_batch) -> (weighted_sum, sums)` returns the unnormalised
-loss of a micro-batch and a dict of sums for metrics; `denominator(batch)` the
-one divisor of the whole global batch. Gradients of the sums are accumulated
+`objective(model, micro_batch, context) -> (weighted_sum, sums)` returns the
+unnormalised loss of a micro-batch and a dict of sums for metrics;
+`denominator(batch)` is computed once on the whole global batch and returns the
+one divisor, or a dict `context` holding it under "denominator" plus any other
+global quantities a loss needs (e.g. DPO's NLL term is normalised by the global
+number of chosen tokens); every micro-batch's objective receives that context. Gradients of the sums are accumulated
 over micro-batches with `lax.scan` and divided once, so the result does not
 depend on how the global batch was split (see `posttrain_jax.losses.sft`).
 """
@@ -75,17 +78,20 @@ def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shard
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict], tuple[jax.Array, dict]],
-                 denominator: Callable[[dict], jax.Array], *, accum_steps: int = 1, data_shards: int = 1):
+def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
+                 denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1):
     """`grads(params, batch) -> (grads, metrics)` for a whole global batch, divided once."""
 
-    def micro_grads(params, micro):
-        def loss(p):
-            return objective(nnx.merge(graphdef, p), micro)
-        return jax.value_and_grad(loss, has_aux=True)(params)
-
     def grads_fn(params, batch):
-        denom = denominator(batch)
+        context = denominator(batch)
+        context = dict(context) if isinstance(context, dict) else {"denominator": context}
+        denom = context["denominator"]
+
+        def micro_grads(params, micro):
+            def loss(p):
+                return objective(nnx.merge(graphdef, p), micro, context)
+            return jax.value_and_grad(loss, has_aux=True)(params)
+
         micro = split_microbatches(batch, accum_steps, data_shards)
         if accum_steps == 1:
             (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro))
@@ -109,8 +115,8 @@ def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict],
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    objective: Callable[[nnx.Module, dict], tuple[jax.Array, dict]],
-                    denominator: Callable[[dict], jax.Array], *, accum_steps: int = 1, data_shards: int = 1,
+                    objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
+                    denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
                     ema_decay: float | None = None, schedule: optax.Schedule | None = None):
     """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
     grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)

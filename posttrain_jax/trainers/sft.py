@@ -7,26 +7,23 @@ prints held-out exact-match accuracy before and after.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from posttrain_jax.checkpointing import RunCheckpointer
 from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
 from posttrain_jax.losses.logprobs import token_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
-from posttrain_jax.metrics import MetricsWriter, measure_matmul_peak
-from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
+from posttrain_jax.sharding import logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
-from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
-from posttrain_jax.train.loop import LoopConfig, resume_from_latest, train_loop
-from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, model_config, run_metadata
+from posttrain_jax.trainers import runner
+from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, model_config
 from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
 log = logging.getLogger(__name__)
@@ -53,24 +50,15 @@ def default_config() -> ml_collections.ConfigDict:
         length_policy="truncate",  # or "drop"
         on_bad_row="error",  # or "skip" (counted and reported)
     ))
-    c.train = ml_collections.ConfigDict(dict(
+    # steps 0: one pass over the data mix; peak_flops 0: measure a jitted fp32 matmul (for MFU);
+    # ema_decay > 0 keeps an EMA of the params in the run state.
+    c.train = runner.loop_config(
         global_batch=32,  # rows per step across all devices and accumulation steps
-        accum_steps=1,
-        steps=0,  # 0: one pass over the data mix (each source's epochs)
         loss_aggregation="token_mean",  # sum | token_mean | sequence_mean | mean_per_microbatch
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
         loss_chunk_size=0,  # >0: LM head + softmax over sequence chunks (large vocabularies)
-        ema_decay=0.0,  # >0: keep an EMA of the params (saved with the run)
-        log_every=25,
-        eval_every=0,
-        checkpoint_every=0,
-        keep_checkpoints=3,
-        async_checkpoint=True,
-        peak_flops=0.0,  # per device, for MFU; 0: measure a jitted fp32 matmul at start-up
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-3, schedule="linear", warmup_ratio=0.05, min_lr_ratio=0.0, weight_decay=0.0,
-        max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8))
+    )
+    c.optim = runner.optimizer_config()
     c.data.quickstart_num_train = 40000
     c.data.quickstart_num_eval = 400
     c.data.quickstart_show_work = True  # answers as "a + b = c": the model copies, then adds
@@ -109,7 +97,7 @@ def make_eval_fn(graphdef, rules, mesh):
         return {"nll_sum": jnp.sum(nll * mask), "loss_tokens": jnp.sum(mask), "sequences": jnp.sum(per_seq),
                 "exact": jnp.sum(per_seq * all_right)}
 
-    def evaluate(params, eval_iter) -> dict[str, float]:
+    def evaluate(params, *, eval_iter) -> dict[str, float]:
         eval_iter.reset()
         total = {}
         with jax.set_mesh(mesh), logical_rules(rules):
@@ -124,7 +112,6 @@ def make_eval_fn(graphdef, rules, mesh):
 
 def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     """Train (continuing from the latest checkpoint with `resume`); returns a summary."""
-    started = time.time()
     if config.data.quickstart_task:
         _quickstart_data(config)
     if not config.tokenizer:
@@ -140,74 +127,25 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
                   on_bad_row=config.data.on_bad_row)
     train_iter, stats = make_sft_pipeline(specs, tokenizer, packing=config.data.packing, seed=config.seed, **common)
-    eval_iter = None
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    evaluate = None
     if config.data.eval_path:
         eval_iter, _ = make_eval_pipeline([SourceSpec(config.data.eval_path)], tokenizer, packing=False, **common)
-    total_steps = t.steps or train_iter.num_batches
-    if total_steps > train_iter.num_batches:
-        raise ValueError(f"train.steps={t.steps} but the data mix gives only {train_iter.num_batches} batches; "
-                         f"raise a source's epochs or lower train.steps")
-
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
-    o = config.optim
-    tx, schedule = make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
-                                  warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
-                                  weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
-                                  eps=o.eps)
-    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh)
+        evaluate = functools.partial(make_eval_fn(nnx.graphdef(model), rules, mesh), eval_iter=eval_iter)
     shards = data_shards(mesh)
-    step = make_train_step(
-        graphdef, tx, make_sft_objective(t.loss_aggregation, data_shards=shards,
-                                         loss_chunk_size=t.loss_chunk_size or None),
-        make_sft_denominator(t.loss_aggregation, accum_steps=t.accum_steps, data_shards=shards,
-                             sum_constant=t.sum_constant or None),
-        accum_steps=t.accum_steps, data_shards=shards, ema_decay=t.ema_decay or None, schedule=schedule)
-    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules))
-    checkpointer = RunCheckpointer(os.path.join(config.output_dir, "checkpoints"), keep=t.keep_checkpoints,
-                                   async_save=t.async_checkpoint)
-    start = 0
-    if resume:
-        state, start = resume_from_latest(checkpointer, state, train_iter)
-    writer = MetricsWriter(config.output_dir)
-    evaluate = make_eval_fn(graphdef, rules, mesh) if eval_iter is not None else None
-    summary = {"output_dir": config.output_dir, "checkpoints": checkpointer.directory.as_posix(),
-               "metrics": writer.path, "total_steps": total_steps}
-    if evaluate is not None:
-        summary["eval_before"] = evaluate(state.params, eval_iter)
-        writer.log(start, summary["eval_before"], prefix="eval")
-        log.info("held-out before training: %s", _fmt(summary["eval_before"]))
-    peak = t.peak_flops or measure_matmul_peak()
-    loop_cfg = LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
-                          checkpoint_every=t.checkpoint_every, peak_flops=peak,
-                          flops_per_token=model.config.flops_per_token(config.data.seq_len))
-    derived = lambda m: {"loss_per_token": float(m["nll_sum"]) / max(float(m["loss_tokens"]), 1.0)}  # noqa: E731
-    with jax.set_mesh(mesh), logical_rules(rules):
-        state, last = train_loop(
-            state, step_fn, train_iter, lambda b: shard_batch(b, mesh, rules), loop_cfg, writer=writer,
-            checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model), derived=derived,
-            evaluate=(lambda s, _: evaluate(s.params, eval_iter)) if evaluate else None)
-    checkpointer.close()
-    if evaluate is not None:
-        summary["eval_after"] = evaluate(state.params, eval_iter)
-        writer.log(last, summary["eval_after"], prefix="eval")
-    writer.close()
-    summary.update(final_step=last, wall_time_s=time.time() - started, data=stats.to_dict(),
-                   compilations=step_fn._cache_size())  # 1: no recompilation after the first step
-    _print_summary(summary, stats)
+    summary = runner.run(
+        config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
+        total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len, evaluate=evaluate,
+        objective=make_sft_objective(t.loss_aggregation, data_shards=shards, loss_chunk_size=t.loss_chunk_size or None),
+        denominator=make_sft_denominator(t.loss_aggregation, accum_steps=t.accum_steps, data_shards=shards,
+                                         sum_constant=t.sum_constant or None),
+        derived=lambda m: {"loss_per_token": float(m["nll_sum"]) / max(float(m["loss_tokens"]), 1.0)})
+    summary["data"] = stats.to_dict()
+    if jax.process_index() == 0:
+        print("\n" + stats.report())
+        if "eval_before" in summary:
+            b, a = summary["eval_before"], summary["eval_after"]
+            print(f"held-out exact match: {b['exact_match']:.1%} before -> {a['exact_match']:.1%} after "
+                  f"({int(a['sequences'])} examples); loss/token {b['loss']:.3f} -> {a['loss']:.3f}")
+    runner.print_paths(summary)
     return summary
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-
-
-def _print_summary(summary: dict, stats) -> None:
-    if jax.process_index() != 0:
-        return
-    print("\n" + stats.report())
-    if "eval_before" in summary:
-        b, a = summary["eval_before"], summary["eval_after"]
-        print(f"held-out exact match: {b['exact_match']:.1%} before -> {a['exact_match']:.1%} after "
-              f"({int(a['sequences'])} examples); loss/token {b['loss']:.3f} -> {a['loss']:.3f}")
-    print(f"trained {summary['final_step']} steps in {summary['wall_time_s']:.0f} s")
-    print(f"checkpoints: {summary['checkpoints']}\nmetrics:     {summary['metrics']} (+ tensorboard/)")

@@ -15,7 +15,7 @@ def make_sft_objective(aggregation: str, *, data_shards: int = 1, loss_chunk_siz
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss_aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
-    def objective(model, mb):
+    def objective(model, mb, context=None):  # SFT needs no global quantity but the denominator
         hidden, _ = model.hidden_states(mb["tokens"], mb["positions"], mb["segment_ids"])
         nll = -token_logprobs_from_hidden(model.head, hidden, mb["targets"], loss_chunk_size)
         mask = mb["loss_mask"].astype(jnp.float32)

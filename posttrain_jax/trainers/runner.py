@@ -1,0 +1,105 @@
+"""What every trainer does after it has data, a model and an objective.
+
+Builds the optimizer and train state, compiles the step once, resumes, runs
+the host loop with metrics/eval/checkpoints and returns a summary. A trainer
+supplies only its pieces (`sft.py`, `rm.py`, `dpo.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from posttrain_jax.checkpointing import RunCheckpointer
+from posttrain_jax.metrics import MetricsWriter, measure_matmul_peak
+from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
+from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from posttrain_jax.train.loop import LoopConfig, resume_from_latest, train_loop
+from posttrain_jax.trainers.common import run_metadata
+
+log = logging.getLogger(__name__)
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    base = dict(learning_rate=3e-3, schedule="linear", warmup_ratio=0.05, min_lr_ratio=0.0, weight_decay=0.0,
+                max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8)
+    return ml_collections.ConfigDict({**base, **overrides})
+
+
+def loop_config(**overrides) -> ml_collections.ConfigDict:
+    base = dict(steps=0, accum_steps=1, ema_decay=0.0, log_every=25, eval_every=0, checkpoint_every=0,
+                keep_checkpoints=3, async_checkpoint=True, peak_flops=0.0)
+    return ml_collections.ConfigDict({**base, **overrides})
+
+
+def total_steps_of(config, train_iter) -> int:
+    steps = config.train.steps or train_iter.num_batches
+    if steps > train_iter.num_batches:
+        raise ValueError(f"train.steps={config.train.steps} but the data gives only {train_iter.num_batches} "
+                         f"batches; raise a source's epochs or lower train.steps")
+    return steps
+
+
+def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, objective, denominator,
+        total_steps: int, seq_len: int, evaluate: Callable | None = None, derived: Callable | None = None,
+        prepare: Callable | None = None, resume: bool = False) -> dict:
+    """Train `model` on `train_iter`; returns {paths, eval_before/after, final_step, compilations, ...}.
+
+    evaluate(params) -> dict of held-out metrics (before, every eval_every steps, after).
+    prepare(host_batch) -> global batch (default: shard over the mesh's batch axes).
+    """
+    started = time.time()
+    t, o = config.train, config.optim
+    tx, schedule = make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
+                                  warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
+                                  weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
+                                  eps=o.eps)
+    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
+                           ema_decay=t.ema_decay or None, schedule=schedule)
+    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules))
+    checkpointer = RunCheckpointer(os.path.join(config.output_dir, "checkpoints"), keep=t.keep_checkpoints,
+                                   async_save=t.async_checkpoint)
+    start = 0
+    if resume:
+        state, start = resume_from_latest(checkpointer, state, train_iter)
+    writer = MetricsWriter(config.output_dir)
+    summary = {"output_dir": config.output_dir, "checkpoints": checkpointer.directory.as_posix(),
+               "metrics": writer.path, "total_steps": total_steps}
+    if evaluate is not None:
+        summary["eval_before"] = evaluate(state.params)
+        writer.log(start, summary["eval_before"], prefix="eval")
+        log.info("held-out before training: %s", format_metrics(summary["eval_before"]))
+    loop_cfg = LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
+                          checkpoint_every=t.checkpoint_every, peak_flops=t.peak_flops or measure_matmul_peak(),
+                          flops_per_token=model.config.flops_per_token(seq_len))
+    prepare = prepare or (lambda b: shard_batch(b, mesh, rules))
+    with jax.set_mesh(mesh), logical_rules(rules):
+        state, last = train_loop(state, step_fn, train_iter, prepare, loop_cfg, writer=writer,
+                                 checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model),
+                                 derived=derived,
+                                 evaluate=(lambda s, _: evaluate(s.params)) if evaluate else None)
+    checkpointer.close()
+    if evaluate is not None:
+        summary["eval_after"] = evaluate(state.params)
+        writer.log(last, summary["eval_after"], prefix="eval")
+    writer.close()
+    summary.update(final_step=last, wall_time_s=time.time() - started, graphdef=graphdef, params=state.params,
+                   compilations=step_fn._cache_size())  # 1: no recompilation after the first step
+    return summary
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def print_paths(summary: dict) -> None:
+    if jax.process_index() == 0:
+        print(f"trained {summary['final_step']} steps in {summary['wall_time_s']:.0f} s")
+        print(f"checkpoints: {summary['checkpoints']}\nmetrics:     {summary['metrics']} (+ tensorboard/)")
