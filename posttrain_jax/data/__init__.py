@@ -59,10 +59,8 @@ from posttrain_jax.data.preference import (  # noqa: E402
     STRENGTHS,
     PreferenceBatchIterator,
     PreferenceStats,
-    batch_sequence_ids,
     make_preference_eval_pipeline,
     make_preference_pipeline,
-    pair_sums,
     write_arithmetic_preferences,
 )
 from posttrain_jax.data.preference_rows import PreferenceSourceStats  # noqa: E402

@@ -27,13 +27,10 @@ the response and shifted on its own exactly like an SFT example (see
 
 Every key has the rows as its leading axis and a pair never spans rows, so
 any split of the rows (hosts, data-parallel devices, gradient-accumulation
-micro-batches) keeps pairs and their per-pair values together. Per-sequence
-sums are one segment sum per row (`pair_sums`)::
-
-    chosen, rejected = pair_sums(logp * loss_mask, segment_ids, pairs_per_row)   # [R, P] each
-
-or, for a loss over flat ``[R * P]`` pair arrays, `batch_sequence_ids` and
-``margin.reshape(-1)``, ``pair_mask.reshape(-1)``.
+micro-batches) keeps pairs and their per-pair values together. Losses take
+flat ``[R * P]`` pair arrays: `posttrain_jax.losses.dpo.batch_sequence_ids`
+numbers the sequences of a (micro-)batch so that they line up with
+``margin.reshape(-1)`` and ``pair_mask.reshape(-1)``.
 
 Every global batch holds exactly ``global_pairs`` pairs (the last eval batch
 fewer, the rest empty slots): host ``h`` gets pairs ``[h * pairs, (h + 1) *
@@ -75,30 +72,6 @@ from posttrain_jax.tokenizer import Tokenizer
 _STATE_VERSION = 1
 PAIR_KEYS = ("margin", "pair_mask", "strength", "chosen_last", "rejected_last")
 PREFERENCE_BATCH_KEYS = BATCH_KEYS + PAIR_KEYS
-
-
-def pair_sums(values, segment_ids, pairs_per_row: int):
-    """Per-sequence sums of a ``[R, seq_len]`` array (e.g. masked token
-    log-probs) under the batch contract: ``(chosen, rejected)``, each
-    ``[R, pairs_per_row]``. Works on jax and numpy-convertible arrays."""
-    import jax
-    import jax.numpy as jnp
-
-    num_segments = 2 * pairs_per_row + 1
-    sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=num_segments))(
-        jnp.asarray(values), jnp.asarray(segment_ids))  # fmt: skip
-    return sums[:, 1::2], sums[:, 2::2]
-
-
-def batch_sequence_ids(segment_ids, pairs_per_row: int):
-    """Sequence ids unique in a ``[R, seq_len]`` (micro-)batch, for losses that
-    take flat ``[R * P]`` pair arrays: 0 for padding, ``2p + 1`` / ``2p + 2``
-    for the chosen / rejected sequence of flat pair ``p = r * P + k`` (pair
-    ``k`` of row ``r``), which is where ``margin.reshape(-1)`` and
-    ``pair_mask.reshape(-1)`` hold its values. Compute it inside the loss, on
-    the rows it sees. Works on numpy and jax arrays."""
-    row_offsets = 2 * pairs_per_row * np.arange(segment_ids.shape[0], dtype=np.int32)[:, None]
-    return segment_ids + (segment_ids > 0) * row_offsets
 
 
 @dataclass
@@ -398,9 +371,7 @@ __all__ = [
     "PreferenceStats",
     "STRENGTHS",
     "SourceSpec",
-    "batch_sequence_ids",
     "make_preference_eval_pipeline",
     "make_preference_pipeline",
-    "pair_sums",
     "write_arithmetic_preferences",
 ]

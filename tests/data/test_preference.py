@@ -4,9 +4,11 @@ expansion, bad rows, truncation, resume, eval and per-host shards."""
 import json
 from collections import Counter
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from posttrain_jax.losses.dpo import batch_sequence_ids
 from posttrain_jax.data import BATCH_KEYS, DataError, SourceSpec
 from posttrain_jax.data.preference import (
     LLAMA2_STRENGTH_MARGINS,
@@ -14,8 +16,6 @@ from posttrain_jax.data.preference import (
     STRENGTHS,
     make_preference_eval_pipeline,
     make_preference_pipeline,
-    batch_sequence_ids,
-    pair_sums,
     write_arithmetic_preferences,
 )
 from posttrain_jax.data.preference_rows import PairEncoder, response_caps, to_preference_row
@@ -170,24 +170,20 @@ def test_mask_special_tokens(pairs_file, tok, template):
         assert _reply(tok, b["chosen"]).startswith("a ")
 
 
-def test_pair_sums_match_per_sequence_sums(pairs_file, tok):
+def test_pair_layout_matches_loss_side_sequence_ids(pairs_file, tok):
+    """`losses.dpo.batch_sequence_ids` gives flat pair p = r * P + k, aligned with margin.reshape(-1)."""
     iterator, _ = _pipeline(pairs_file, tok, packing=True, global_pairs=8)
     batch = next(iterator)
     values = np.random.default_rng(0).normal(size=batch["tokens"].shape).astype(np.float32) * batch["loss_mask"]
-    chosen, rejected = pair_sums(values, batch["segment_ids"], iterator.pairs_per_row)
-    assert chosen.shape == rejected.shape == batch["margin"].shape
+    ids, num_pairs = batch_sequence_ids(jnp.asarray(batch["segment_ids"]), iterator.pairs_per_row)
+    assert num_pairs == batch["margin"].size
+    flat = np.bincount(np.asarray(ids).ravel(), weights=values.ravel(), minlength=2 * num_pairs + 1)
     for r in range(iterator.rows):
         for k in range(iterator.pairs_per_row):
-            segments = batch["segment_ids"][r]
-            np.testing.assert_allclose(chosen[r, k], values[r, segments == 2 * k + 1].sum(), rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(rejected[r, k], values[r, segments == 2 * k + 2].sum(), rtol=1e-5, atol=1e-6)
-    assert (np.asarray(chosen)[batch["pair_mask"] == 0] == 0).all()
-    # The flat view: pair p = r * P + k, ids 2p + 1 / 2p + 2, aligned with margin.reshape(-1).
-    ids = batch_sequence_ids(batch["segment_ids"], iterator.pairs_per_row)
-    flat = np.bincount(ids.ravel(), weights=values.ravel(), minlength=2 * batch["margin"].size + 1)
-    np.testing.assert_allclose(flat[1::2], np.asarray(chosen).reshape(-1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(flat[2::2], np.asarray(rejected).reshape(-1), rtol=1e-5, atol=1e-5)
-    assert ids.max() <= 2 * batch["margin"].size and (ids[batch["segment_ids"] == 0] == 0).all()
+            p, segments = r * iterator.pairs_per_row + k, batch["segment_ids"][r]
+            np.testing.assert_allclose(flat[2 * p + 1], values[r, segments == 2 * k + 1].sum(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(flat[2 * p + 2], values[r, segments == 2 * k + 2].sum(), rtol=1e-5, atol=1e-6)
+    assert (flat[1::2][batch["pair_mask"].reshape(-1) == 0] == 0).all()
 
 
 def test_strength_filter_and_margins(tmp_path, tok):
