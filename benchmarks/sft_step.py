@@ -83,24 +83,28 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def timed_steps(run_step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Per-step wall times of `steps` steps after `warmup` untimed ones; and every loss seen."""
+def timed_steps(run_step, steps: int, warmup: int) -> tuple[list[float], list[float], list[float]]:
+    """Wall and process-CPU seconds of `steps` steps after `warmup` untimed ones; every loss seen."""
     losses = []
     for _ in range(warmup):
         losses.append(run_step())
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(run_step())  # run_step blocks until the step's results are ready
         times.append(time.perf_counter() - start)
-    return times, losses
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times, losses
 
 
-def throughput(args, times: list[float]) -> dict:
+def throughput(args, times: list[float], cpu_times: list[float]) -> dict:
+    """Tokens/s from the median step; CPU seconds per step (all threads) tell work apart from waiting
+    when other processes share the cores."""
     tokens = args.batch * args.seq_len
     median = statistics.median(times)
     return {"tokens_per_step": tokens, "step_time_s_median": median, "step_time_s_min": min(times),
-            "step_times_s": [round(t, 4) for t in times], "tokens_per_s": tokens / median}
+            "step_times_s": [round(t, 4) for t in times], "tokens_per_s": tokens / median,
+            "cpu_s_per_step_median": statistics.median(cpu_times)}
 
 
 # ------------------------------------------------------------------ workers (run in subprocesses)
@@ -145,11 +149,11 @@ def worker_jax(args) -> dict:
             holder["state"], metrics = compiled(holder["state"], batch)
             return float(jax.block_until_ready(metrics)["loss"])  # also waits for the new state
 
-        times, losses = timed_steps(run_step, args.steps, args.warmup)
+        times, cpu_times, losses = timed_steps(run_step, args.steps, args.warmup)
     jax.block_until_ready(holder["state"])
     record = {"framework": FRAMEWORKS["jax"], "version": f"jax {jax.__version__}", "compile_s": compile_s,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "flops_per_token": config.flops_per_token(args.seq_len),
-              "num_params": config.num_params(), **throughput(args, times),
+              "num_params": config.num_params(), **throughput(args, times, cpu_times),
               "loss_first": losses[0], "loss_last": losses[-1], "max_rss_mib": max_rss_mib()}
     try:
         analysis = compiled.memory_analysis()
@@ -192,14 +196,14 @@ def worker_torch(args) -> dict:
         opt.step()
         return float(loss.detach())
 
-    times, losses = timed_steps(run_step, args.steps, args.warmup)
+    times, cpu_times, losses = timed_steps(run_step, args.steps, args.warmup)
     n = args.peak_size
     a = torch.ones(n, n)
     best = min(_timeit(lambda: a @ a) for _ in range(5))
     return {"framework": FRAMEWORKS["torch"], "version": f"torch {torch.__version__}, transformers "
             f"{transformers.__version__}", "threads": torch.get_num_threads(), "attn_implementation": "sdpa",
             "flops_per_token": config.flops_per_token(args.seq_len), "num_params": config.num_params(),
-            **throughput(args, times), "loss_first": losses[0], "loss_last": losses[-1],
+            **throughput(args, times, cpu_times), "loss_first": losses[0], "loss_last": losses[-1],
             "max_rss_mib": max_rss_mib(), "torch_matmul_flops_per_s": 2 * n**3 / best}
 
 

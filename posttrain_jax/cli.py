@@ -1,6 +1,9 @@
 """`posttrain-jax <command>`: one entry point for every job.
 
     posttrain-jax sft [--config FILE] [--config.key=value ...] [--resume]
+    posttrain-jax rm  [--config FILE] ...        reward model (Bradley-Terry)
+    posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
+    posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
     posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
@@ -15,7 +18,8 @@ import logging
 import sys
 
 
-_MODULES = {"sft": "posttrain_jax.trainers.sft", "ablate": "posttrain_jax.ablation"}
+_MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
+            "dpo": "posttrain_jax.trainers.dpo", "ablate": "posttrain_jax.ablation"}
 
 
 def _trainer(name: str):
@@ -72,6 +76,20 @@ def _export(argv: list[str]) -> None:
     print(f"wrote a Hugging Face checkpoint to {args.out}")
 
 
+def _score(argv: list[str]) -> None:
+    from posttrain_jax.trainers.rm import score_main
+    parser = argparse.ArgumentParser(prog="posttrain-jax score",
+                                     description="Score prompt/response pairs with a trained reward model.")
+    parser.add_argument("--checkpoint", required=True, help="an RM run directory or checkpoint step")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--input", required=True, help='JSONL rows {"prompt": ..., "response": ...}')
+    parser.add_argument("--output", required=True, help="the rows with a 'reward' field added")
+    parser.add_argument("--chat-template", default="chatml")
+    args = parser.parse_args(argv)
+    score_main(args.checkpoint, args.tokenizer, args.input, args.output, args.chat_template)
+    print(f"wrote rewards to {args.output}")
+
+
 def _ablate(argv: list[str]) -> None:
     import os
     import sys as _sys
@@ -83,8 +101,9 @@ def _ablate(argv: list[str]) -> None:
     _run_trainer("ablate", argv)
 
 
-COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "average": _average, "export": _export,
-            "ablate": _ablate}
+COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
+            "dpo": lambda argv: _run_trainer("dpo", argv), "score": _score, "average": _average,
+            "export": _export, "ablate": _ablate}
 
 
 def main(argv: list[str] | None = None) -> None:

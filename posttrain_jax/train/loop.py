@@ -52,13 +52,14 @@ def resume_from_latest(checkpointer: RunCheckpointer, state, data_iter) -> tuple
 
 
 def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]],
-               shard: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]], cfg: LoopConfig, *,
+               shard: Callable[[dict[str, np.ndarray], int], dict[str, jax.Array]], cfg: LoopConfig, *,
                writer: MetricsWriter, checkpointer: RunCheckpointer | None = None, start_step: int = 0,
                metadata: dict | None = None, evaluate: Callable[[Any, int], dict] | None = None,
                derived: Callable[[dict], dict] | None = None):
     """Run steps `start_step+1 .. total_steps`; returns the final state.
 
     `batches` must provide `get_state()` (saved with every checkpoint).
+    `shard(host_batch, step)` makes the global batch of `step` (1-based: batch index step - 1).
     `derived(host_metrics)` may add metrics computed from the fetched sums.
     """
     throughput = Throughput(cfg.flops_per_token, cfg.peak_flops)
@@ -68,8 +69,8 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
     for host_batch in batches:
         if step >= cfg.total_steps:
             break
-        state, metrics = step_fn(state, shard(host_batch))
         step += 1
+        state, metrics = step_fn(state, shard(host_batch, step))
         throughput.add(int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count())
         bar.update(1)
         pending = metrics

@@ -9,8 +9,10 @@ import os
 
 import jax
 import ml_collections
+from flax import nnx
 
-from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, load_params, read_metadata, resolve_step_dir
+from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, abstract_target, load_params, read_metadata,
+                                        resolve_step_dir)
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import Decoder, create_model, from_hf_config, load_hf, preset
 from posttrain_jax.sharding import DEFAULT_RULES, normalize_rules
@@ -52,12 +54,17 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head:
         meta = read_metadata(step_dir) or {}
         if MODEL_CONFIG_KEY not in meta:
             raise ValueError(f"checkpoint {step_dir} has no model config in its metadata")
-        model_cfg = model_config_from_dict(meta[MODEL_CONFIG_KEY]).replace(head=head, **numerics)
-        model = create_model(model_cfg, mesh=mesh, rules=rules, seed=seed)
-        from flax import nnx
-        from posttrain_jax.checkpointing import abstract_target
+        saved = model_config_from_dict(meta[MODEL_CONFIG_KEY])
+        model = create_model(saved.replace(head=head, **numerics), mesh=mesh, rules=rules, seed=seed)
         graphdef, params = nnx.split(model, nnx.Param)
-        params = load_params(step_dir, target=abstract_target(params))
+        # A head the checkpoint does not have (a reward model from an SFT run) keeps its fresh init.
+        heads = {"score", "lm_head"} if saved.head != head else set()
+        backbone = nnx.State({k: v for k, v in params.items() if k not in heads})
+        restored = load_params(step_dir, target=abstract_target(backbone))
+        for key, value in restored.items():
+            params[key] = value
+        if heads & set(params.keys()):
+            log.info("%s: backbone from %s, a fresh %s head", head, step_dir, head)
         return nnx.merge(graphdef, params)
     model_cfg = preset(cfg.preset, head=head, **numerics)
     if vocab_size is not None and model_cfg.vocab_size < vocab_size:

@@ -51,7 +51,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     """Train `model` on `train_iter`; returns {paths, eval_before/after, final_step, compilations, ...}.
 
     evaluate(params) -> dict of held-out metrics (before, every eval_every steps, after).
-    prepare(host_batch) -> global batch (default: shard over the mesh's batch axes).
+    prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes).
     """
     started = time.time()
     t, o = config.train, config.optim
@@ -79,7 +79,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     loop_cfg = LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
                           checkpoint_every=t.checkpoint_every, peak_flops=t.peak_flops or measure_matmul_peak(),
                           flops_per_token=model.config.flops_per_token(seq_len))
-    prepare = prepare or (lambda b: shard_batch(b, mesh, rules))
+    prepare = prepare or (lambda b, _: shard_batch(b, mesh, rules))
     with jax.set_mesh(mesh), logical_rules(rules):
         state, last = train_loop(state, step_fn, train_iter, prepare, loop_cfg, writer=writer,
                                  checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model),
