@@ -150,7 +150,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
     reference_params = jax.tree.map(jnp.copy, params) if needs_reference else None
     if needs_reference:
-        @jax.jit
+        rows = batch_sharding(mesh, rules)
+
+        @jax.jit(out_shardings=(rows, rows))  # [rows, pairs_per_row], split like every batch key
         def reference_logps(ref_params, batch):  # params are arguments, never closed over
             c, r, _, _ = pair_logps(ref_params, batch)
             shape = batch["pair_mask"].shape
