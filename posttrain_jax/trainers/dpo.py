@@ -140,6 +140,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     train_iter, stats, eval_iter = preference.pipelines(config, tokenizer,
                                                         rows_multiple=data_shards(mesh) * t.accum_steps)
+    if config.data.sft_eval_path and not os.path.exists(config.data.sft_eval_path):
+        raise FileNotFoundError(f"data.sft_eval_path {config.data.sft_eval_path} does not exist (set it to '' to "
+                                f"skip the exact-match eval)")
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     graphdef, params = nnx.split(model, nnx.Param)
     chunk = t.loss_chunk_size or None
@@ -193,6 +196,16 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
 
         evaluate = preference.make_pair_evaluator(pair_metrics, mesh, rules, eval_iter, dpo_metric_means,
                                                   extra_args=(reference_params,))
+    if config.data.sft_eval_path:  # also held-out exact match of the answers (the quickstart's task)
+        from posttrain_jax.data import SourceSpec, make_eval_pipeline
+        from posttrain_jax.trainers.sft import make_eval_fn
+        sft_iter, _ = make_eval_pipeline([SourceSpec(config.data.sft_eval_path)], tokenizer,
+                                         template=config.chat_template, seq_len=config.data.seq_len,
+                                         global_batch=2 * t.global_pairs, packing=False)
+        exact = make_eval_fn(graphdef, rules, mesh)
+        pairs_eval = evaluate
+        evaluate = lambda p: {**(pairs_eval(p) if pairs_eval else {}),  # noqa: E731
+                              **{f"answers_{k}": v for k, v in exact(p, eval_iter=sft_iter).items()}}
     summary = runner.run(config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
                          total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len,
                          objective=objective, denominator=make_denominator(t), evaluate=evaluate, prepare=prepare,
@@ -202,8 +215,12 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         print("\n" + stats.report())
         if evaluate is not None:
             b, a = summary["eval_before"], summary["eval_after"]
-            print(f"held-out preference accuracy: {b['rewards_accuracy']:.1%} before -> "
-                  f"{a['rewards_accuracy']:.1%} after; reward margin {b['rewards_margin']:.3f} -> "
-                  f"{a['rewards_margin']:.3f}")
+            if "rewards_accuracy" in a:
+                print(f"held-out preference accuracy: {b['rewards_accuracy']:.1%} before -> "
+                      f"{a['rewards_accuracy']:.1%} after; reward margin {b['rewards_margin']:.3f} -> "
+                      f"{a['rewards_margin']:.3f}")
+            if "answers_exact_match" in a:
+                print(f"held-out answer exact match: {b['answers_exact_match']:.1%} before -> "
+                      f"{a['answers_exact_match']:.1%} after")
     runner.print_paths(summary)
     return summary

@@ -31,6 +31,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         llama2_margins=False,  # margin from the strength level (Llama 2 RM) when a row has no margin
         length_policy="truncate",
         on_bad_row="error",
+        sft_eval_path="",  # DPO: a chat JSONL whose answers are checked by held-out exact match
     )
     return ml_collections.ConfigDict({**base, **overrides})
 

@@ -36,7 +36,7 @@ def _config(module, out, toy, *extra):
     return apply_overrides(module.default_config(), [
         f"--config.output_dir={out}", "--config.data.quickstart_task=False", f"--config.tokenizer={tokenizer}",
         f"--config.data.sources=[{{'path': '{d}/train.jsonl'}}]", f"--config.data.eval_path={d}/eval.jsonl",
-        "--config.model.checkpoint=", "--config.train.global_pairs=16", "--config.data.seq_len=96",
+        "--config.model.checkpoint=", "--config.data.sft_eval_path=", "--config.train.global_pairs=16", "--config.data.seq_len=96",
         "--config.train.log_every=1", MESH, *extra])
 
 

@@ -1,0 +1,43 @@
+"""Every shipped config loads and uses only keys its trainer knows."""
+
+import glob
+import os
+
+import pytest
+
+from posttrain_jax import ablation
+from posttrain_jax.config import check_keys, load_config
+from posttrain_jax.trainers import dpo, rm, sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
+
+
+def _trainer(path):
+    name = os.path.basename(path)
+    if name.startswith("sft"):
+        return sft
+    if name.startswith("dpo"):
+        return dpo
+    if name.startswith("rm"):
+        return rm
+    if "ablation" in name:
+        return ablation
+    raise AssertionError(f"no trainer known for {path}")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_loads_with_known_keys(path):
+    config = load_config(path)
+    check_keys(config, _trainer(path).default_config())
+
+
+def test_tulu3_recipes():
+    sft8 = load_config(os.path.join(ROOT, "configs/tulu3/sft_8b.py"))
+    assert (sft8.optim.learning_rate, sft8.train.global_batch, sft8.data.seq_len, sft8.data.epochs,
+            sft8.optim.schedule, sft8.optim.warmup_ratio, sft8.train.loss_aggregation) == (
+        5e-6, 128, 4096, 2.0, "linear", 0.03, "sum")
+    dpo8 = load_config(os.path.join(ROOT, "configs/tulu3/dpo_8b.py"))
+    assert (dpo8.train.loss_type, dpo8.train.beta, dpo8.optim.learning_rate, dpo8.train.global_pairs,
+            dpo8.optim.warmup_ratio) == ("dpo_norm", 5.0, 5e-7, 128, 0.1)
+    assert len(CONFIGS) >= 8
