@@ -34,6 +34,9 @@ from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rul
 
 log = logging.getLogger(__name__)
 REFERENCE_FREE = ("simpo",)
+# Per-pair sums of `dpo_loss` reported as means; `loss` and the rest are already normalised.
+PAIR_SUMS = ("num_pairs", "rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
+             "logps_chosen", "logps_rejected", "dpo_loss")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -209,7 +212,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     summary = runner.run(config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
                          total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len,
                          objective=objective, denominator=make_denominator(t), evaluate=evaluate, prepare=prepare,
-                         derived=lambda m: {k: float(v) for k, v in dpo_metric_means(m).items()})
+                         derived=lambda m: {k: float(v) for k, v in
+                                            dpo_metric_means({k: m[k] for k in PAIR_SUMS}).items()})
     summary["data"] = stats.to_dict()
     if jax.process_index() == 0:
         print("\n" + stats.report())

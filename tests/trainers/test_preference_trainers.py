@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,17 @@ def test_reward_model_learns_a_separable_set_and_scores_like_training(tmp_path, 
     np.testing.assert_allclose([good, bad], [scores[0, batch["chosen_last"][0, 0]],
                                              scores[0, batch["rejected_last"][0, 0]]], rtol=1e-5, atol=1e-5)
     assert float(sums["accuracy"]) == 16
+    # The CLI over a JSONL of prompt/response rows gives the same rewards.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": row["prompt"], "response": r})
+                               for r in (row["chosen"], row["rejected"])) + "\n")
+    result = subprocess.run([sys.executable, "-m", "posttrain_jax.cli", "score", "--checkpoint",
+                             str(tmp_path / "checkpoints"), "--tokenizer", toy[1], "--input", str(rows),
+                             "--output", str(tmp_path / "scored.jsonl")], capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    scored = [json.loads(line)["reward"] for line in open(tmp_path / "scored.jsonl")]
+    np.testing.assert_allclose(scored, [good, bad], rtol=1e-5, atol=1e-5)
 
 
 def test_dpo_learns_and_online_equals_cached_reference(tmp_path, toy):
@@ -75,6 +88,9 @@ def test_dpo_learns_and_online_equals_cached_reference(tmp_path, toy):
     cached = dpo.main(_config(dpo, tmp_path / "cached", toy, "--config.train.steps=8", "--config.train.nll_coef=0.2",
                               "--config.optim.learning_rate=1e-3", "--config.train.reference=cached"))
     assert _losses(tmp_path / "online") == _losses(tmp_path / "cached")
+    # Step 1: policy == reference, so the DPO term is log 2 per pair (+ the NLL term, reported apart).
+    first = json.loads([line for line in open(tmp_path / "online" / "metrics.jsonl") if '"train/loss"' in line][0])
+    assert abs(first["train/dpo_loss"] - np.log(2)) < 1e-6 and first["train/denominator"] == 16
     assert os.path.exists(tmp_path / "cached" / "reference_logps" / "process_0.npz")
     assert online["eval_after"]["rewards_accuracy"] > 0.9 and online["eval_after"]["rewards_margin"] > 0
     assert online["compilations"] == 1
