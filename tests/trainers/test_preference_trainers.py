@@ -93,6 +93,8 @@ def test_dpo_learns_and_online_equals_cached_reference(tmp_path, toy):
     assert abs(first["train/dpo_loss"] - np.log(2)) < 1e-6 and first["train/denominator"] == 16
     assert os.path.exists(tmp_path / "cached" / "reference_logps" / "process_0.npz")
     assert online["eval_after"]["rewards_accuracy"] > 0.9 and online["eval_after"]["rewards_margin"] > 0
+    losses = _losses(tmp_path / "online")
+    assert losses[-1] < losses[0]
     assert online["compilations"] == 1
 
 
