@@ -56,11 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
         global_pairs=16, log_every=10,
         loss_type="sigmoid",  # sigmoid (DPO) | ipo | hinge | robust | dpo_norm | simpo
         beta=0.1, label_smoothing=0.0, gamma_beta_ratio=0.3,  # gamma_beta_ratio: SimPO only
-        nll_coef=0.0, nll_normalization="token",  # Llama 3: nll_coef 0.2
+        nll_coef=0.2, nll_normalization="token",  # Llama 3: DPO + 0.2 x NLL on chosen
         reference="online",  # online | cached
         loss_chunk_size=0,
     )
-    c.optim = runner.optimizer_config(learning_rate=1e-4, warmup_ratio=0.1)
+    c.optim = runner.optimizer_config(learning_rate=1e-5, warmup_ratio=0.1)  # Llama 3's DPO lr
     return c
 
 
