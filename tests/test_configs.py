@@ -39,5 +39,5 @@ def test_tulu3_recipes():
         5e-6, 128, 4096, 2.0, "linear", 0.03, "sum")
     dpo8 = load_config(os.path.join(ROOT, "configs/tulu3/dpo_8b.py"))
     assert (dpo8.train.loss_type, dpo8.train.beta, dpo8.optim.learning_rate, dpo8.train.global_pairs,
-            dpo8.optim.warmup_ratio) == ("dpo_norm", 5.0, 5e-7, 128, 0.1)
+            dpo8.optim.warmup_ratio, dpo8.train.nll_coef) == ("dpo_norm", 5.0, 5e-7, 128, 0.1, 0.0)
     assert len(CONFIGS) >= 8

@@ -27,6 +27,7 @@ def get_config():
     c.train.global_pairs = 128
     c.train.loss_type = "dpo_norm"
     c.train.beta = 5.0
+    c.train.nll_coef = 0.0  # Tülu 3 DPO has no NLL term
     c.train.reference = "cached"
     c.train.loss_chunk_size = 1024
     c.train.log_every = 10
