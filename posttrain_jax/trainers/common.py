@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 
 import jax
 import ml_collections
@@ -14,7 +13,7 @@ from flax import nnx
 from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, abstract_target, load_params, read_metadata,
                                         resolve_step_dir)
 from posttrain_jax.mesh import make_mesh
-from posttrain_jax.models import Decoder, create_model, from_hf_config, load_hf, preset
+from posttrain_jax.models import Decoder, create_model, load_hf, preset
 from posttrain_jax.sharding import DEFAULT_RULES, normalize_rules
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,3 @@ def model_config_from_dict(d: dict):
 def run_metadata(config, model) -> dict:
     return {MODEL_CONFIG_KEY: model_config_to_dict(model.config), "config": json.loads(config.to_json()),
             "process_count": jax.process_count()}
-
-
-def hf_config_of(path: str):
-    with open(os.path.join(path, "config.json")) as f:
-        return from_hf_config(json.load(f))
