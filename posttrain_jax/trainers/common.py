@@ -31,6 +31,19 @@ def model_config() -> ml_collections.ConfigDict:
     ))
 
 
+def base_config(output_dir: str) -> ml_collections.ConfigDict:
+    """The sections every trainer has: output, seed, mesh, sharding rules, model, tokenizer, template."""
+    c = ml_collections.ConfigDict()
+    c.output_dir = output_dir
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 fills the devices
+    c.sharding_rules = []  # (logical_name, mesh_axes) pairs that take precedence over the defaults
+    c.model = model_config()
+    c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
+    c.chat_template = "chatml"
+    return c
+
+
 def mesh_and_rules(config):
     mesh = make_mesh(dict(config.mesh))
     rules = normalize_rules(tuple(tuple(r) for r in config.sharding_rules)) + DEFAULT_RULES

@@ -30,7 +30,7 @@ from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import preference, runner
-from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, model_config
+from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
 
 log = logging.getLogger(__name__)
 REFERENCE_FREE = ("simpo",)
@@ -41,15 +41,9 @@ PAIR_SUMS = ("num_pairs", "rewards_chosen", "rewards_rejected", "rewards_margin"
 
 def default_config() -> ml_collections.ConfigDict:
     """The DPO quickstart: the SFT quickstart model, right-vs-wrong arithmetic preferences, CPU minutes."""
-    c = ml_collections.ConfigDict()
-    c.output_dir = "runs/dpo-quickstart"
-    c.seed = 0
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.sharding_rules = []
-    c.model = model_config()
+    c = base_config("runs/dpo-quickstart")
     c.model.checkpoint = os.path.join(preference.QUICKSTART_SFT_DIR, "checkpoints")  # run `posttrain-jax sft` first
     c.tokenizer = os.path.join(preference.QUICKSTART_SFT_DIR, "data", "tokenizer.model")
-    c.chat_template = "chatml"
     c.data = preference.data_config()
     c.data.sft_eval_path = os.path.join(preference.QUICKSTART_SFT_DIR, "data", "eval.jsonl")  # exact match
     c.train = runner.loop_config(

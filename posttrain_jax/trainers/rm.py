@@ -20,21 +20,14 @@ from posttrain_jax.losses.dpo import batch_sequence_ids
 from posttrain_jax.losses.rm import bradley_terry_loss, reward_metric_means, sequence_rewards
 from posttrain_jax.tokenizer import load_tokenizer, render_chat
 from posttrain_jax.trainers import preference, runner
-from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, model_config
+from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
 
 log = logging.getLogger(__name__)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The RM quickstart: synthetic right-vs-wrong arithmetic preferences on CPU in a minute or two."""
-    c = ml_collections.ConfigDict()
-    c.output_dir = "runs/rm-quickstart"
-    c.seed = 0
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.sharding_rules = []
-    c.model = model_config()  # preset, hf_path or checkpoint (an SFT run: its backbone, a fresh head)
-    c.tokenizer = ""
-    c.chat_template = "chatml"
+    c = base_config("runs/rm-quickstart")
     c.data = preference.data_config()
     c.train = runner.loop_config(global_pairs=16, use_margin=False, center_coef=0.0, log_every=10)
     c.optim = runner.optimizer_config(learning_rate=1e-3)

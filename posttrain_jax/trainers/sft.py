@@ -23,7 +23,7 @@ from posttrain_jax.losses.sft import _sequence_token_counts
 from posttrain_jax.sharding import logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import runner
-from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, model_config
+from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
 from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,7 @@ log = logging.getLogger(__name__)
 
 def default_config() -> ml_collections.ConfigDict:
     """The quickstart: ~1M-parameter model, synthetic arithmetic, a few minutes on 2 CPU cores."""
-    c = ml_collections.ConfigDict()
-    c.output_dir = "runs/sft-quickstart"
-    c.seed = 0
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.sharding_rules = []  # (logical_name, mesh_axes) pairs that take precedence over the defaults
-    c.model = model_config()
-    c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
-    c.chat_template = "chatml"
+    c = base_config("runs/sft-quickstart")
     c.data = ml_collections.ConfigDict(dict(
         quickstart_task=True,  # write the synthetic task + tokenizer into output_dir/data and use them
         sources=[],  # [{"path": ..., "weight": ..., "epochs": ...}, ...]
