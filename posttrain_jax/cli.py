@@ -34,15 +34,19 @@ def _run_trainer(name: str, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog=f"posttrain-jax {name}")
     parser.add_argument("--config", default=None, help="config file with get_config(); default: the quickstart")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--coordinator", help="multi-process: address:port of process 0")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--coordinator", help="multi-process: address:port of process 0 (not needed on Cloud TPU "
+                        "VMs, where every host of the slice is found automatically)")
+    parser.add_argument("--num-processes", type=int, help="multi-process: number of processes (one per host)")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's index, 0 .. N-1")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides look like --config.key=value)")
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    # Explicit flags, JAX_COORDINATOR_ADDRESS, or a multi-host Cloud TPU slice; a single host starts nothing.
+    if initialize_distributed(args.coordinator, args.num_processes, args.process_id):
+        import jax
+        if jax.process_index() != 0:  # one log for the run: process 0's (the others only warn)
+            logging.getLogger().setLevel(logging.WARNING)
     module = _trainer(name)
     defaults = module.default_config()
     config = load_config(args.config) if args.config else defaults
