@@ -77,7 +77,13 @@ local_wheel() {
   [[ -n "$version" ]] || die "$REPO_DIR/pyproject.toml: no version = \"...\" line"
   [[ -x "$REPO_DIR/.venv/bin/python" ]] && python="$REPO_DIR/.venv/bin/python"
   log "building the wheel of $REPO_DIR into $BUILD_DIR"
-  run_cmd "$python" -m pip wheel --quiet --no-deps --wheel-dir "$BUILD_DIR" "$REPO_DIR" >&2
+  # Build from a fresh copy: setuptools reuses an in-tree build/ directory, so a module deleted
+  # from the checkout would otherwise still ship in the wheel.
+  local source="$BUILD_DIR/source"
+  run_cmd rm -rf "$source"
+  run_cmd mkdir -p "$source"
+  run_cmd cp -R "$REPO_DIR/pyproject.toml" "$REPO_DIR/README.md" "$REPO_DIR/posttrain_jax" "$source/"
+  run_cmd "$python" -m pip wheel --quiet --no-deps --wheel-dir "$BUILD_DIR" "$source" >&2
   local wheel="$BUILD_DIR/posttrain_jax-$version-py3-none-any.whl"
   [[ "$DRY_RUN" == 1 || -f "$wheel" ]] || die "the build did not produce $wheel"
   echo "$wheel"
@@ -120,11 +126,13 @@ setup_workers() {
     rev="$(quote_word "$GIT_REV")"
     prepare="mkdir -p $dir/runs && { test -d $dir/src/.git || git clone --quiet $url $dir/src; }"
     prepare+=" && git -C $dir/src fetch --quiet $url && git -C $dir/src checkout --quiet --detach $rev"
-    prepare+=" && ln -sfn src/configs $dir/configs"
+    prepare+=" && rm -rf $dir/configs && ln -s src/configs $dir/configs"
     target="$REMOTE_DIR/src[tpu]"
   fi
   local python="$dir/venv/bin/python"
-  ssh_workers all "set -e; ${prepare:+$prepare && }python3 -m pip install --user --quiet --upgrade uv \
+  # Newer images mark the system Python as externally managed (PEP 668); a --user uv is harmless.
+  ssh_workers all "set -e; ${prepare:+$prepare && }{ python3 -m pip install --user --quiet --upgrade uv \
+|| python3 -m pip install --user --quiet --upgrade --break-system-packages uv; } \
 && python3 -m uv venv --quiet --allow-existing --python $(quote_word "$PYTHON_VERSION") $dir/venv \
 && python3 -m uv pip install --quiet --python $python --reinstall-package posttrain-jax $(quote_word "$target") \
 && $python -c 'import jax, posttrain_jax; print(\"posttrain_jax ready, jax\", jax.__version__)'"

@@ -57,7 +57,8 @@ PROJECT, ZONE = "my-project", "us-east5-b"
 SCOPE = [f"--project={PROJECT}", f"--zone={ZONE}"]
 HOSTKEY = "--strict-host-key-checking=no"
 INSTALL_TAIL = (
-    "python3 -m pip install --user --quiet --upgrade uv"
+    "{{ python3 -m pip install --user --quiet --upgrade uv"
+    " || python3 -m pip install --user --quiet --upgrade --break-system-packages uv; }}"
     " && python3 -m uv venv --quiet --allow-existing --python 3.12 posttrain/venv"
     " && python3 -m uv pip install --quiet --python posttrain/venv/bin/python --reinstall-package posttrain-jax {target}"
     " && posttrain/venv/bin/python -c 'import jax, posttrain_jax; print(\"posttrain_jax ready, jax\", jax.__version__)'"
@@ -172,7 +173,7 @@ def test_v5p_multi_host_spot_queued_resources_from_git(launcher, tmp_path):
     describe = ["compute", "tpus", "queued-resources", "describe", "pod-qr", *SCOPE, "--format=value(state.state)"]
     prepare = (f"mkdir -p posttrain/runs && {{ test -d posttrain/src/.git || git clone --quiet {url} posttrain/src; }}"
                f" && git -C posttrain/src fetch --quiet {url} && git -C posttrain/src checkout --quiet --detach {rev}"
-               " && ln -sfn src/configs posttrain/configs")
+               " && rm -rf posttrain/configs && ln -s src/configs posttrain/configs")
     expected = [
         ["compute", "tpus", "queued-resources", "create", "pod-qr", *SCOPE, "--node-id=pod",
          "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5", "--spot", "--valid-until-duration=6h"],
@@ -327,3 +328,21 @@ def test_shellcheck_is_clean():
                                          "delete.sh", "up.sh"}
     result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+def test_wheel_is_built_from_a_clean_copy_of_the_checkout(launcher, tmp_path):
+    """Without WHEEL, setup builds one (dry run: the build commands print, nothing runs)."""
+    run, calls = launcher
+    version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    result = run("setup.sh", "--dry-run", "--tpu-name", "vm", env={"PROJECT": PROJECT, "ZONE": ZONE})
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    build, source = tmp_path / "build", tmp_path / "build" / "source"
+    assert lines[:4] == [
+        ["rm", "-rf", str(source)], ["mkdir", "-p", str(source)],
+        ["cp", "-R", str(REPO / "pyproject.toml"), str(REPO / "README.md"), str(REPO / "posttrain_jax"), f"{source}/"],
+        [lines[3][0], "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(build), str(source)],
+    ]
+    wheel = build / f"posttrain_jax-{version}-py3-none-any.whl"
+    assert lines[5][5:8] == ["--recurse", str(wheel), str(REPO / "configs")]
+    assert not build.exists() and calls() == []
