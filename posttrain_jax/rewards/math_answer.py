@@ -33,6 +33,8 @@ import re
 from collections.abc import Sequence
 from fractions import Fraction
 
+# No numeric answer is this long; the cap bounds the work spent on degenerate completions.
+_MAX_NUMBER_CHARS = 500
 EXTRACT_MODES = ("auto", "boxed", "gsm8k", "answer_is", "last_number", "answer_tag", "none")
 
 _UNICODE_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-", "\uff0d": "-"})
@@ -96,12 +98,19 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """The rest of the line after the last ``####`` (GSM8K's answer marker)."""
-    index = text.rfind("####")
-    if index < 0:
-        return None
-    answer = text[index + 4:].split("\n", 1)[0].strip()
-    return answer or None
+    """The rest of the line after the last ``####`` (GSM8K's answer marker) that holds a number.
+
+    GSM8K answers are numbers; requiring one skips markdown headings
+    ("#### Step 1: ...") that chat models write before their answer.
+    """
+    # Only a line's last marker can be followed by a number (text after an
+    # earlier one contains "####"), so each line is parsed once: linear time.
+    for line in reversed(text.splitlines()):
+        if "####" in line:
+            answer = line.rsplit("####", 1)[1].strip()
+            if answer and parse_number(answer) is not None:
+                return answer
+    return None
 
 
 def _cut_sentence(answer: str) -> str:
@@ -245,6 +254,8 @@ def parse_number(text: str) -> tuple[Fraction, bool] | None:
     (``\\dfrac``, ``\\frac12``), "a/b", a trailing "%", and trailing unit
     words ("18 dollars").
     """
+    if len(text) > _MAX_NUMBER_CHARS:
+        return None
     text = clean_answer(text)
     percent = text.endswith("%")
     text = text.rstrip("%").strip()

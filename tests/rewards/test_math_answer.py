@@ -1,5 +1,6 @@
 """Answer extraction and equivalence: a table of cases, including the tricky ones."""
 
+import time
 from fractions import Fraction
 
 import pytest
@@ -19,6 +20,8 @@ EXTRACTION = [
     (r"\boxedx{3} and 4", "boxed", None),  # not the \boxed command
     ("He has 5 + 3 = 8 apples.\n####  1,234", "auto", "1,234"),  # GSM8K marker, extra spaces
     ("#### 42\nmore text 7", "gsm8k", "42"),
+    ("#### Step 1: add\n4 + 5 = 9. The answer is 9.", "auto", "9"),  # a markdown heading is no marker
+    ("#### $1,000\n", "gsm8k", "$1,000"),
     ("The answer is 42.", "auto", "42"),
     ("Final Answer: The final answer is $x=5$. I hope it is correct.", "auto", "$x=5$"),  # Minerva format
     ("answer: 3.5.", "answer_is", "3.5"),  # decimal point kept, sentence period dropped
@@ -131,3 +134,14 @@ def test_parse_number_values():
 def test_unknown_mode_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid modes: auto, boxed"):
         extract_answer("1", "boxes")
+
+
+def test_degenerate_completions_take_linear_time():
+    # RL policies produce these; a quadratic extractor would stall the rollout loop.
+    texts = ["#### " * 5000 + "a", "The answer is " + "1 a" * 20000, "\\boxed{" * 5000, "1,000" * 10000,
+             "The answer is " + "1x" * 20000 + "10^5", ("#### 5 " + "x" * 100 + "\n") * 3000,
+             "The answer is " + "$" * 50000]
+    start = time.perf_counter()
+    for text in texts:
+        answers_match(extract_answer(text), "1")
+    assert time.perf_counter() - start < 2.0

@@ -87,8 +87,8 @@ def test_too_long_samples_and_lm_heads_are_errors(model, tokenizer):
 
 def test_checkpoint_form_via_build_rewards(tmp_path, model, tokenizer, tokenizer_path):
     with RunCheckpointer(tmp_path / "ckpt", async_save=False) as checkpointer:
-        checkpointer.save(7, {"params": nnx.state(model)}, metadata={MODEL_CONFIG_KEY: model_config_to_dict(model.config)},
-                          force=True)
+        metadata = {MODEL_CONFIG_KEY: model_config_to_dict(model.config)}
+        checkpointer.save(7, {"params": nnx.state(model)}, metadata=metadata, force=True)
     rewards = build_rewards([{"name": "reward_model", "checkpoint": str(tmp_path / "ckpt"),
                               "tokenizer": tokenizer_path, "max_length": 128, "batch_size": 2}])
     prompts, completions = _samples(3)

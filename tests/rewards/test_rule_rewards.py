@@ -110,9 +110,11 @@ def test_a_failing_batch_function_is_located_by_sample():
     def fragile(completions, *, prompts, rows):
         return [1.0 / len(c) for c in completions]  # ZeroDivisionError on an empty completion
 
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"}]
     with pytest.raises(RewardError, match=r"'fragile' failed on sample 2 of 3: ZeroDivisionError") as info:
-        Rewards([("fragile", fragile, 1.0)])(["a", "bb", ""], prompts=["p"] * 3, rows=[{}] * 3)
+        Rewards([("fragile", fragile, 1.0)])(["a", "bb", ""], prompts=[chat] * 3, rows=[{}] * 3)
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert "prompt: '[2 messages] ... user: What is 2 plus 2?'" in str(info.value)
 
     def batch_only(completions, *, prompts, rows):
         if len(completions) > 1:
