@@ -3,6 +3,9 @@
     posttrain-jax sft [--config FILE] [--config.key=value ...] [--resume]
     posttrain-jax rm  [--config FILE] ...        reward model (Bradley-Terry)
     posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
+    posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
+    posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
+    posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
@@ -19,7 +22,8 @@ import sys
 
 
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
-            "dpo": "posttrain_jax.trainers.dpo", "ablate": "posttrain_jax.ablation"}
+            "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
+            "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation"}
 
 
 def _trainer(name: str):
@@ -94,6 +98,11 @@ def _score(argv: list[str]) -> None:
     print(f"wrote rewards to {args.output}")
 
 
+def _sample(argv: list[str]) -> None:
+    from posttrain_jax.sampling.command import main as sample_main
+    sample_main(argv)
+
+
 def _ablate(argv: list[str]) -> None:
     import os
     import sys as _sys
@@ -106,8 +115,9 @@ def _ablate(argv: list[str]) -> None:
 
 
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
-            "dpo": lambda argv: _run_trainer("dpo", argv), "score": _score, "average": _average,
-            "export": _export, "ablate": _ablate}
+            "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
+            "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
+            "score": _score, "average": _average, "export": _export, "ablate": _ablate}
 
 
 def main(argv: list[str] | None = None) -> None:

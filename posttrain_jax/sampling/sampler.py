@@ -187,13 +187,17 @@ class Sampler:
 
     def generate_padded(self, state, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, params: SamplingParams,
                         rng: jax.Array) -> SampleOutput:
-        """Run on already padded [prompts, length] arrays (shapes are the bucket). Returns device arrays."""
+        """Run on already padded [prompts, length] arrays (shapes are the bucket). Returns global device arrays.
+
+        On several processes each passes its own rows; the outputs are global arrays.
+        """
+        batch = self._sharding(("batch", None))
+        if batch is not None:  # each process passes its own prompts (all of them on one host)
+            prompt_tokens, prompt_mask = (jax.make_array_from_process_local_data(batch, np.asarray(x))
+                                          for x in (prompt_tokens, prompt_mask))
         prompts, length = prompt_tokens.shape
         cache = self._get_cache(prompts * params.num_samples, length + params.max_new_tokens)
         program = self._program(params, cache)
-        batch = self._sharding(("batch", None))
-        if batch is not None:
-            prompt_tokens, prompt_mask = (jax.device_put(np.asarray(x), batch) for x in (prompt_tokens, prompt_mask))
         if self.mesh is not None:
             with jax.set_mesh(self.mesh), logical_rules(self.rules):
                 out, self._cache = program(state, cache, prompt_tokens, prompt_mask, rng)
