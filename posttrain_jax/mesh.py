@@ -216,12 +216,13 @@ def cloud_tpu_process_count(environ: Mapping[str, str] | None = None, *, on_tpu_
     Reads what JAX's own Cloud TPU cluster detection reads: `TPU_PROCESS_ADDRESSES`
     / `TPU_WORKER_HOSTNAMES` (GKE) or the VM's `worker-network-endpoints`
     metadata (TPU VMs made with gcloud), and `MEGASCALE_NUM_SLICES` (multi-slice,
-    from the environment or the `tpu-env` metadata). The metadata server is only
-    asked on a Cloud TPU VM.
+    from the environment or the `tpu-env` metadata). Off a Cloud TPU VM (where
+    JAX's detection would not run either) this is 1 without asking anything.
     """
     env = os.environ if environ is None else environ
-    on_tpu_vm = _on_cloud_tpu_vm() if on_tpu_vm is None else on_tpu_vm
-    ask_metadata = on_tpu_vm and not env.get("TPU_SKIP_MDS_QUERY")
+    if not (_on_cloud_tpu_vm() if on_tpu_vm is None else on_tpu_vm):
+        return 1  # JAX's Cloud TPU cluster detection needs a TPU VM too
+    ask_metadata = not env.get("TPU_SKIP_MDS_QUERY")
     slices = env.get("MEGASCALE_NUM_SLICES")
     if slices is None and ask_metadata:
         slices = _tpu_env_value(metadata("tpu-env"), "MEGASCALE_NUM_SLICES")
@@ -247,6 +248,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if jax.distributed.is_initialized():
         return True
     if coordinator is not None or num_processes is not None or process_id is not None:
+        if num_processes == 1 and not process_id:
+            return False  # one process needs no coordinator
         missing = [n for n, v in (("--coordinator", coordinator), ("--num-processes", num_processes),
                                   ("--process-id", process_id)) if v is None]
         if missing:

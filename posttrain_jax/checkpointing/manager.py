@@ -56,6 +56,11 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
         path = directory / _process_file(index, count)
         if not path.exists():
             found = sorted(p.name for p in directory.glob("process_*.json"))
+            # Saved by another number of processes: fine when every process saved the same state
+            # (the SFT pipeline's is a batch position, the same on every host).
+            states = {p.read_text() for p in directory.glob("process_*.json")}
+            if len(states) == 1:
+                return json.loads(states.pop())
             raise ValueError(f"{directory}: no data-iterator state for process {index} of {count} (found {found}); "
                              f"the run was saved with another number of processes. Restore with "
                              f"restore_data_state=False to restart the data iterator from its beginning")
