@@ -55,7 +55,7 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         directory = os.fspath(directory) if not isinstance(directory, str) else directory
         self.path = str(epath.Path(directory) / "metrics.jsonl")
-        self.tensorboard_dir = _tensorboard_dir(directory) if tensorboard else None
+        self.tensorboard_dir = _tensorboard_dir(directory) if tensorboard and self.active else None
         self._remote, self._flush_every_s, self._flushed = is_remote(directory), flush_every_s, time.time()
         self._jsonl = self._tb = self._text = None
         if self.active:

@@ -56,11 +56,11 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
         path = directory / _process_file(index, count)
         if not path.exists():
             found = sorted(p.name for p in directory.glob("process_*.json"))
-            # Saved by another number of processes: fine when every process saved the same state
-            # (the SFT pipeline's is a batch position, the same on every host).
-            states = {p.read_text() for p in directory.glob("process_*.json")}
-            if len(states) == 1:
-                return json.loads(states.pop())
+            # Saved by another number of processes: fine when all of them saved the same state (the
+            # data pipelines' state is a batch position, the same on every host, whatever their number).
+            complete = bool(found) and sorted(found) == sorted(_process_file(i, len(found)) for i in range(len(found)))
+            if complete and len({(directory / name).read_text() for name in found}) == 1:
+                return json.loads((directory / found[0]).read_text())
             raise ValueError(f"{directory}: no data-iterator state for process {index} of {count} (found {found}); "
                              f"the run was saved with another number of processes. Restore with "
                              f"restore_data_state=False to restart the data iterator from its beginning")

@@ -91,7 +91,8 @@ def test_cloud_tpu_process_count():
     assert cloud_tpu_process_count({}, on_tpu_vm=False, metadata=no_metadata) == 1
     assert cloud_tpu_process_count({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}, on_tpu_vm=True) == 4
     assert cloud_tpu_process_count({"TPU_WORKER_HOSTNAMES": "a,b", "MEGASCALE_NUM_SLICES": "2"}, on_tpu_vm=True) == 4
-    answers = {"worker-network-endpoints": "w-0:uid:10.0.0.2,w-1:uid:10.0.0.3", "tpu-env": "MEGASCALE_NUM_SLICES: '3'\n"}
+    answers = {"worker-network-endpoints": "w-0:uid:10.0.0.2,w-1:uid:10.0.0.3",
+               "tpu-env": "ACCELERATOR_TYPE: 'v5p-16'\nMEGASCALE_NUM_SLICES: '3'\n"}
     assert cloud_tpu_process_count({}, on_tpu_vm=True, metadata=answers.get) == 6
     assert cloud_tpu_process_count({}, on_tpu_vm=True, metadata=lambda key: None) == 1  # Colab: one host
     assert cloud_tpu_process_count({"TPU_SKIP_MDS_QUERY": "1"}, on_tpu_vm=True, metadata=no_metadata) == 1
