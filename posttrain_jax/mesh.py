@@ -52,12 +52,14 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
 
 
 def resolve_dcn_shape(dcn: Mapping[str, int], sizes: Sequence[int], num_slices: int) -> tuple[int, ...]:
-    """How many slices each axis spans; default: all slices on `data` (pure data parallelism over DCN)."""
+    """How many slices each axis spans; default (none given, or all 1): all slices on `data`."""
     unknown = set(dcn) - set(AXES)
     if unknown:
         raise ValueError(f"unknown mesh keys {sorted(DCN_PREFIX + a for a in unknown)}; "
                          f"valid: {', '.join(DCN_PREFIX + a for a in AXES)}")
-    dcn_sizes = [int(dcn.get(axis, 1)) for axis in AXES] if dcn else [num_slices, 1, 1]
+    dcn_sizes = [int(dcn.get(axis, 1)) for axis in AXES]
+    if int(np.prod(dcn_sizes)) == 1:  # pure data parallelism over DCN: the least DCN traffic
+        dcn_sizes = [num_slices, 1, 1]
     where = ", ".join(f"{DCN_PREFIX}{a}={d}" for a, d in zip(AXES, dcn_sizes))
     if int(np.prod(dcn_sizes)) != num_slices or min(dcn_sizes) < 1:
         raise ValueError(f"mesh {where} spans {int(np.prod(dcn_sizes))} slices but the devices form "

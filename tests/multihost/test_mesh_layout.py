@@ -61,6 +61,8 @@ def test_multislice_puts_slices_on_dcn_data_by_default():
     slices = np.vectorize(lambda d: d.slice_index)(grid)
     assert slices[:, :, 0].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]
     assert owners(grid)[:, :, 0].tolist() == [[0, 0, 1, 1], [2, 2, 3, 3]]
+    same = device_grid({"data": 2, "fsdp": -1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1}, devices)
+    assert (same == grid).all()  # all-1 DCN sizes (config defaults) mean the default
     # Interleaved hosts inside each slice: the hybrid mesh is rebuilt slice by slice, process-major.
     mixed = [devices[i] for i in (0, 2, 1, 3, 4, 6, 5, 7)]
     assert owners(device_grid({"data": 2, "fsdp": -1}, mixed))[:, :, 0].tolist() == [[0, 0, 1, 1], [2, 2, 3, 3]]
