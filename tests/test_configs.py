@@ -1,6 +1,7 @@
 """Every shipped config loads and uses only keys its trainer knows."""
 
 import glob
+import importlib
 import os
 
 import pytest
@@ -15,6 +16,10 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
 
 def _trainer(path):
     name = os.path.basename(path)
+    if name.startswith("grpo") or os.path.basename(os.path.dirname(path)) == "grpo":
+        return importlib.import_module("posttrain_jax.trainers.grpo")
+    if name.startswith("rejection"):
+        return importlib.import_module("posttrain_jax.trainers.rejection")
     if name.startswith("sft"):
         return sft
     if name.startswith("dpo"):
