@@ -36,7 +36,9 @@ def base_config(output_dir: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.output_dir = output_dir
     c.seed = 0
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # -1 fills the devices
+    # -1 fills the devices; dcn_* split an axis across TPU slices (multi-slice), 1 = one slice.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1,
+                                        "dcn_tensor": 1})
     c.sharding_rules = []  # (logical_name, mesh_axes) pairs that take precedence over the defaults
     c.model = model_config()
     c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
