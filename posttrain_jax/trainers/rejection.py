@@ -59,6 +59,7 @@ from posttrain_jax.rewards import Rewards, RewardTerm, reward_model_from_checkpo
 from posttrain_jax.rewards import reward_term_from_spec
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.mesh import AXES
+from posttrain_jax.sharding import logical_to_spec
 from posttrain_jax.tokenizer import load_tokenizer, validate_messages
 from posttrain_jax.trainers.export import load_checkpoint_model
 from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules
@@ -176,8 +177,11 @@ def build_local_rewards(specs) -> Rewards:
     return Rewards(terms)
 
 
-def _check_batch(prompts_per_batch: int, sampler: Sampler) -> None:
-    count, shards = jax.process_count(), sampler.data_shards
+def _check_batch(prompts_per_batch: int, mesh, rules) -> None:
+    # The sampler's prompt rows are sharded over the mesh axes of "batch" (as in `Sampler.data_shards`).
+    spec = logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+    shards = int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else tuple(spec or ()))]))
+    count = jax.process_count()
     if prompts_per_batch % count or prompts_per_batch % shards:
         raise ValueError(f"rejection.prompts_per_batch={prompts_per_batch} must be a multiple of the {shards} data "
                          f"shards of the mesh and of the {count} processes")
@@ -407,6 +411,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     _check(config)
     r, s, d = config.rejection, config.sampling, config.data
     mesh, rules = mesh_and_rules(config)
+    _check_batch(r.prompts_per_batch, mesh, rules)
     tokenizer = load_tokenizer(config.tokenizer)
     prompts, stats = load_prompts(d.path, tokenizer, template=config.chat_template,
                                   max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
@@ -418,6 +423,13 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     rewards = build_local_rewards(config.rewards)
     require_correct = list(r.require_correct)
     _check_rewards(rewards, require_correct)
+    output = r.output or os.path.join(config.output_dir, "rejection_sampled.jsonl")
+    index, count = jax.process_index(), jax.process_count()
+    shard = shard_path(output, index, count)
+    progress_file = shard + ".progress"
+    fingerprint = fingerprint_of(config, num_prompts=len(prompts), process_count=count)
+    if resume:
+        read_progress(progress_file, fingerprint)  # changed settings fail now, not after loading the model
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -426,14 +438,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     graphdef, state = nnx.split(model, nnx.Param)
     sampler = Sampler(graphdef, model.config, mesh=mesh, rules=rules)
     del model  # `state` holds the params
-    _check_batch(r.prompts_per_batch, sampler)
 
-    output = r.output or os.path.join(config.output_dir, "rejection_sampled.jsonl")
-    index, count = jax.process_index(), jax.process_count()
-    shard = shard_path(output, index, count)
     os.makedirs(os.path.dirname(os.path.abspath(shard)), exist_ok=True)
-    progress_file = shard + ".progress"
-    fingerprint = fingerprint_of(config, num_prompts=len(prompts), process_count=count)
     tally = Tally(rewards.names, list(rewards.verifiable))
     num_batches = -(-len(prompts) // r.prompts_per_batch)
     history = _start(resume, progress_file, shard, fingerprint, tally)

@@ -24,6 +24,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 K, PER_BATCH, NUM_PROMPTS = 4, 4, 10  # 3 batches, the last one half padding
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module only: every run compiles the same model init, sampler
+    and reward-model programs, so the runs after the first load them instead of compiling (~4x faster)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    for key, value in zip(keys, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
+        jax.config.update(key, value)
+    cc.reset_cache()
+    yield
+    for key, value in saved.items():
+        jax.config.update(key, value)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """Prompts (one with a system message), a tokenizer, and a random reward model with O(1) scores."""
@@ -44,7 +61,7 @@ def toy(tmp_path_factory):
 
 def _config(out, toy, *extra):
     d, tokenizer = toy
-    rewards = [{"name": "reward_model", "checkpoint": str(d / "rm"), "tokenizer": tokenizer, "batch_size": 16},
+    rewards = [{"name": "reward_model", "checkpoint": str(d / "rm"), "tokenizer": tokenizer, "batch_size": 16, "max_length": 128},
                {"name": "math", "extract": "last_number", "correct": 1.0, "incorrect": 0.0}]
     return apply_overrides(rejection.default_config(), [
         f"--config.output_dir={out}", "--config.data.quickstart_task=False", f"--config.data.path={d}/prompts.jsonl",
@@ -155,7 +172,7 @@ def test_resume_after_a_crash_mid_batch_equals_a_straight_run(straight, tmp_path
 def test_output_trains_with_the_sft_pipeline(straight):
     config, summary = straight
     tokenizer = load_tokenizer(config.tokenizer)
-    iterator, stats = make_sft_pipeline(SourceSpec(summary["output"]), tokenizer, template="chatml", seq_len=96,
+    iterator, stats = make_sft_pipeline(SourceSpec(summary["output"]), tokenizer, template="chatml", seq_len=128,
                                         global_batch=2, packing=False, process_index=0, process_count=1)
     assert stats.examples == NUM_PROMPTS
     trained = []
