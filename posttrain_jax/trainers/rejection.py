@@ -197,9 +197,13 @@ def _sft_ready(prompts) -> None:
 
 
 def _global_sum(values: np.ndarray) -> np.ndarray:
+    """Sum float64 vectors over processes, exactly: sent as bytes, since without jax_enable_x64 an
+    allgather would round them to float32 (token counts pass 2**24 in a real run)."""
+    values = np.ascontiguousarray(values, np.float64)
     if jax.process_count() == 1:
         return values
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1).sum(axis=0)
+    raw = np.asarray(multihost_utils.process_allgather(values.view(np.uint8)))
+    return np.ascontiguousarray(raw.reshape(jax.process_count(), -1)).view(np.float64).sum(axis=0)
 
 
 def _start(resume: bool, progress_file: str, shard: str, fingerprint: dict, tally: Tally) -> list[dict]:
@@ -489,7 +493,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     bar.close()
     summary = tally.summary(_global_sum(tally.vector()), num_samples=r.num_samples)
     elapsed = time.time() - t_loop
-    generated = _global_sum(np.asarray([float(sampled_tokens)]))[0]
+    generated = float(_global_sum(np.asarray([float(sampled_tokens)]))[0])
     summary.update(
         output=output, shards=[shard_path(output, i, count) for i in range(count)], summary=summary_path(output),
         prompt_file=d.path, prompt_stats=stats.__dict__, threshold=r.threshold, require_correct=require_correct,
