@@ -55,14 +55,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from posttrain_jax.data import synthetic
-from posttrain_jax.rewards import Rewards, RewardTerm, reward_model_from_checkpoint, reward_model_reward
-from posttrain_jax.rewards import reward_term_from_spec
-from posttrain_jax.sampling import Sampler, SamplingParams
+from posttrain_jax.rewards import (Rewards, RewardTerm, reward_model_from_checkpoint, reward_model_reward,
+                                   reward_term_from_spec)
 from posttrain_jax.mesh import AXES
+from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import logical_to_spec
 from posttrain_jax.tokenizer import load_tokenizer, validate_messages
-from posttrain_jax.trainers.export import load_checkpoint_model
 from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules
+from posttrain_jax.trainers.export import load_checkpoint_model
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
 from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for
 
