@@ -22,3 +22,29 @@ def test_sft_step_benchmark_smoke(tmp_path):
     assert {("matmul_peak", "jax"), ("sft_step", "posttrain_jax"), ("sft_step", "pytorch")} <= benches
     ratio = [r for r in rows if r["bench"] == "sft_step_ratio"][0]
     assert ratio["ours_tokens_per_s"] > 0 and ratio["pytorch_tokens_per_s"] > 0 and "ours_mfu" in ratio
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    out = tmp_path / "decode.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick", "--preset", "tiny-llama", "--batch", "2",
+         "--prompt-len", "8", "--new-tokens", "4", "--variants", "jax-fp32,torch-fp32", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["bench"] for r in rows] == ["memory_bandwidth", "decode", "decode", "decode_summary"]
+    assert rows[0]["bytes_per_s_best"] > 0
+    by_variant = {r["variant"]: r for r in rows if r["bench"] == "decode"}
+    assert by_variant["jax-fp32"]["framework"] == "posttrain_jax"
+    assert by_variant["torch-fp32"]["framework"] == "transformers"
+    for r in by_variant.values():
+        assert {"tokens_per_s", "tokens_per_s_rounds", "prefill_s_median", "total_s_rounds", "max_rss_mib",
+                "loadavg_1m_rounds", "compile_and_first_call_s"} <= set(r)
+        assert r["tokens_per_call"] == 2 * 4 and r["tokens_per_s"] > 0 and len(r["total_s_rounds"]) == 1
+    # Steady state: nothing compiled during the timed round.
+    assert by_variant["jax-fp32"]["compilations_end"] == by_variant["jax-fp32"]["compilations"]
+    summary = rows[-1]
+    assert summary["ratio_fp32"] > 0 and summary["target_ratio"] == 1.4
+    assert summary["roofline_fp32"]["tokens_per_s_all_weights"] > 0 and "loadavg_start" in summary
+    # Same weights and prompts on both sides: fp32 greedy tokens agree.
+    assert summary["greedy_agreement"]["jax-fp32 vs torch-fp32"]["rows_identical"] == 2
