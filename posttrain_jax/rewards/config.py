@@ -45,8 +45,11 @@ def _as_dict(spec, where: str) -> dict:
     return dict(spec)
 
 
-def reward_term_from_spec(spec, where: str = "reward spec") -> RewardTerm:
-    """One `RewardTerm` from a spec dict (see the module docstring); errors name `where`."""
+def reward_term_from_spec(spec, where: str = "reward spec", *, mesh=None) -> RewardTerm:
+    """One `RewardTerm` from a spec dict (see the module docstring); errors name `where`.
+
+    `mesh`: where a reward model's params are sharded (default: the first device).
+    """
     spec = _as_dict(spec, where)
     if "name" not in spec:
         raise ValueError(f"{where}: missing 'name'; valid names: {', '.join(REWARD_FACTORIES)}")
@@ -62,6 +65,8 @@ def reward_term_from_spec(spec, where: str = "reward spec") -> RewardTerm:
             raise ValueError(f"{where} ({name!r}): unknown key {key!r}{_suggest(str(key), valid)}; "
                              f"valid keys: {', '.join(valid)}")
     kwargs = {k: v for k, v in spec.items() if k not in _COMPOSITION_KEYS}
+    if mesh is not None and "mesh" in parameters:
+        kwargs["mesh"] = mesh
     missing = [k for k, p in parameters.items() if p.default is inspect.Parameter.empty and k not in kwargs]
     if missing:
         raise ValueError(f"{where} ({name!r}): missing required key(s) {', '.join(map(repr, missing))}")
@@ -72,8 +77,12 @@ def reward_term_from_spec(spec, where: str = "reward spec") -> RewardTerm:
     return RewardTerm(spec.get("label", name), fn, spec.get("weight", 1.0))
 
 
-def build_rewards(specs: Sequence) -> Rewards:
-    """`Rewards` from a list of spec dicts (or ConfigDicts); see the module docstring."""
+def build_rewards(specs: Sequence, *, mesh=None) -> Rewards:
+    """`Rewards` from a list of spec dicts (or ConfigDicts); see the module docstring.
+
+    `mesh`: shard reward models over it (e.g. this process's devices, so each process scores its own
+    completions without collectives; an 8B reward model does not fit on one device).
+    """
     if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) or not specs:
         raise ValueError(f"rewards config must be a non-empty list of reward specs, got {specs!r}")
-    return Rewards([reward_term_from_spec(s, f"rewards[{i}]") for i, s in enumerate(specs)])
+    return Rewards([reward_term_from_spec(s, f"rewards[{i}]", mesh=mesh) for i, s in enumerate(specs)])

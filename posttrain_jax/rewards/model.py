@@ -57,6 +57,9 @@ class ModelReward:
         self.tokenizer, self.template = tokenizer, template
         self.batch_size, self.max_length, self.position_limit = batch_size, max_length, limit
         self.graphdef, self.params = nnx.split(model)
+        # Scoring runs on the mesh the params live on (also when called inside a trainer's other mesh).
+        sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
+        self.mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
         self.num_traces = 0  # how often the forward was traced (= compiled): a test asserts it stays 1
 
         def forward(params, tokens, segment_ids, last):
@@ -111,7 +114,11 @@ class ModelReward:
             last = np.zeros(self.batch_size, np.int32)
             for r, ids in enumerate(chunk):
                 tokens[r, :len(ids)], segment_ids[r, :len(ids)], last[r] = ids, 1, len(ids) - 1
-            out = np.asarray(self._forward(self.params, tokens, segment_ids, last))
+            if self.mesh is not None:
+                with jax.set_mesh(self.mesh):
+                    out = np.asarray(self._forward(self.params, tokens, segment_ids, last))
+            else:
+                out = np.asarray(self._forward(self.params, tokens, segment_ids, last))
             scores += [float(x) for x in out[:len(chunk)]]
         return scores
 
@@ -124,11 +131,11 @@ def reward_model_reward(model, tokenizer: Tokenizer, *, template: str = "chatml"
 
 def reward_model_from_checkpoint(*, checkpoint: str, tokenizer: str, template: str = "chatml", batch_size: int = 8,
                                  max_length: int | None = None, ema: bool = False,
-                                 step: int | None = None) -> ModelReward:  # fmt: skip
+                                 step: int | None = None, mesh=None) -> ModelReward:  # fmt: skip
     """`reward_model_reward` for a posttrain-jax RM run checkpoint (`checkpoint`, optionally its `step`
-    or `ema` params) and a tokenizer file (`tokenizer`)."""
+    or `ema` params) and a tokenizer file (`tokenizer`), sharded over `mesh` if given."""
     from posttrain_jax.trainers.export import load_checkpoint_model
 
-    model = load_checkpoint_model(checkpoint, ema=ema, step=step)
+    model = load_checkpoint_model(checkpoint, ema=ema, step=step, mesh=mesh)
     return ModelReward(model, load_tokenizer(tokenizer), template=template, batch_size=batch_size,
                        max_length=max_length)

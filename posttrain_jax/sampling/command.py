@@ -25,6 +25,8 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None, template: str | No
         model = load_hf(checkpoint)
         return model, load_tokenizer(tokenizer or checkpoint), template or "chatml"
     from posttrain_jax.trainers.export import load_checkpoint_model
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory
+        checkpoint = os.path.join(checkpoint, "checkpoints")
     step_dir = resolve_step_dir(checkpoint)
     saved = ((read_metadata(step_dir) or {}).get("config") or {})
     model = load_checkpoint_model(checkpoint)

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from posttrain_jax.checkpointing import RunCheckpointer
 from posttrain_jax.data import synthetic
 from posttrain_jax.losses.grpo import AGGREGATIONS, group_advantages
+from posttrain_jax.mesh import make_mesh
 from posttrain_jax.metrics import MetricsWriter, progress_bar
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
@@ -59,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         quickstart_num_train=4000, quickstart_num_eval=200, quickstart_max_operand=29,
         path="",  # JSONL: {"prompt": str | messages, <ground truth fields>} or {"messages": [..., assistant]}
         eval_path="",  # the same format; held-out greedy accuracy of the verifiable rewards
-        epochs=1.0, max_prompt_length=64, length_policy="drop", on_bad_row="error", eval_batch=64,
+        epochs=1.0, max_prompt_length=64, length_policy="drop", on_bad_row="error",
+        eval_batch=64, eval_samples=4,  # eval: greedy accuracy, and pass@1 over eval_samples (0: greedy only)
     ))
     # Each entry: {"name": math | exact_match | format | reward_model, "weight": w, ...its options}.
     c.rewards = [{"name": "math", "extract": "last_number", "correct": 1.0, "incorrect": 0.0}]
@@ -129,7 +131,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     log.info(stats.report(d.path))
     prompt_iter = PromptIterator(prompts, g.prompts_per_step, seed=config.seed, epochs=d.epochs)
     total_steps = t.steps or prompt_iter.num_batches
-    rewards = build_rewards([dict(r) for r in config.rewards])
+    # A reward model is sharded over this process's devices: each process scores its own completions.
+    local_mesh = make_mesh({"fsdp": -1}, devices=jax.local_devices())
+    rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh)
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -236,8 +240,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                                                     "sampler": sampler.compilations()})
     if jax.process_index() == 0 and evaluate is not None:
         b, a = summary["eval_before"], summary["eval_after"]
-        print(f"held-out accuracy (greedy, {int(a['prompts'])} prompts): {b['accuracy']:.1%} before -> "
-              f"{a['accuracy']:.1%} after")
+        line = f"held-out accuracy ({int(a['prompts'])} prompts): greedy {b['accuracy']:.1%} -> {a['accuracy']:.1%}"
+        if "sampled_accuracy" in a:
+            line += (f"; sampled at temperature {s.temperature} (pass@1 of {d.eval_samples}) "
+                     f"{b['sampled_accuracy']:.1%} -> {a['sampled_accuracy']:.1%}")
+        print(line)
     runner.print_paths(summary)
     return summary
 
@@ -282,37 +289,49 @@ def _step_metrics(rollout, totals, adv, opt_metrics, t_sample, t_train, host, g)
 
 
 def _make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
-    """Held-out greedy accuracy of the verifiable rewards (and the mean total reward)."""
+    """Held-out accuracy of the verifiable rewards: greedy, and pass@1 of `eval_samples` samples drawn at the
+    training temperature (the policy GRPO optimises), plus the mean total reward of those samples."""
     d, s = config.data, config.sampling
-    prompts, stats = load_prompts(d.eval_path, tokenizer, template=config.chat_template,
-                                  max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
-                                  on_bad_row=d.on_bad_row)
-    greedy = SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True, pad_token=pad, num_samples=1,
-                            stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens))
+    prompts, _ = load_prompts(d.eval_path, tokenizer, template=config.chat_template,
+                              max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
+                              on_bad_row=d.on_bad_row)
+    stops = stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens)
+    modes = {"accuracy": SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True, pad_token=pad,
+                                        stop_tokens=stops)}
+    if d.eval_samples:
+        modes["sampled_accuracy"] = SamplingParams(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            stop_tokens=stops, pad_token=pad, num_samples=d.eval_samples)
     batch, count = d.eval_batch, jax.process_count()
-    if batch % (count * sampler.data_shards // min(count, sampler.data_shards)):
-        raise ValueError(f"data.eval_batch={batch} must split over {count} processes and the data shards")
-    verifiable = list(rewards.verifiable)
+    if batch % count:
+        raise ValueError(f"data.eval_batch={batch} must be divisible by the {count} processes")
+    verifiable = list(rewards.verifiable)[:1]
 
     def evaluate(params) -> dict[str, float]:
-        correct = reward_sum = 0.0
+        sums = np.zeros(2 * len(modes))  # per mode: correct, reward
+        share = batch // count
+        first = jax.process_index() * share
         with jax.set_mesh(sampler.mesh), logical_rules(sampler.rules):
             for begin in range(0, len(prompts), batch):
                 chunk = prompts[begin:begin + batch]
                 real = len(chunk)
-                chunk = chunk + [prompts[0]] * (batch - real)  # a fixed shape: one compilation
-                share = batch // count
-                local = chunk[jax.process_index() * share:(jax.process_index() + 1) * share]
-                out = sample_and_score(sampler, params, local, greedy, jax.random.key(0), tokenizer=tokenizer,
-                                       rewards=rewards, max_prompt_length=d.max_prompt_length)
-                first = jax.process_index() * share
-                valid = (np.arange(first, first + share) < real).astype(np.float64)
-                if verifiable:
-                    correct += float((out.rewards.correct[verifiable[0]] * valid).sum())
-                reward_sum += float((out.rewards.total * valid).sum())
-        totals = _global(np.asarray([correct, reward_sum]))
-        totals = totals.reshape(-1, 2).sum(axis=0)
-        return {"accuracy": totals[0] / len(prompts), "reward_mean": totals[1] / len(prompts),
-                "prompts": float(len(prompts))}
+                chunk = chunk + [prompts[0]] * (batch - real)  # a fixed shape: one compilation per mode
+                local = chunk[first:first + share]
+                for i, (name, params_) in enumerate(modes.items()):
+                    out = sample_and_score(sampler, params, local, params_, jax.random.key(begin),
+                                           tokenizer=tokenizer, rewards=rewards,
+                                           max_prompt_length=d.max_prompt_length)
+                    n = params_.num_samples
+                    valid = np.repeat(np.arange(first, first + share) < real, n).astype(np.float64) / n
+                    if verifiable:
+                        sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
+                    sums[2 * i + 1] += float((out.rewards.total * valid).sum())
+        sums = _global(sums[None]).sum(axis=0) / len(prompts)
+        result = {"prompts": float(len(prompts))}
+        for i, name in enumerate(modes):
+            if verifiable:
+                result[name] = float(sums[2 * i])
+            result["reward_mean" if name == "accuracy" else "sampled_reward_mean"] = float(sums[2 * i + 1])
+        return result
 
     return evaluate
