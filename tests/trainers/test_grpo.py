@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, RunCheckpointer
 from posttrain_jax.config import apply_overrides, load_config
 from posttrain_jax.data import synthetic
 from posttrain_jax.mesh import make_mesh
@@ -16,6 +17,7 @@ from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import DEFAULT_RULES, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import grpo
+from posttrain_jax.trainers.common import model_config_to_dict
 from posttrain_jax.trainers.grpo_objective import sequence_token_logps
 from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for, training_batch
 
@@ -29,6 +31,11 @@ def task(tmp_path_factory):
         with open(d / f"{name}.jsonl", "w") as f:
             for p in synthetic.generate_problems(n, seed=seed, max_operand=9):
                 f.write(json.dumps({"prompt": p.question, "answer": str(p.answer)}) + "\n")
+    # A random reward model (scalar head), saved as a run checkpoint, for the model-based reward.
+    rm = create_model(preset("quickstart", head="scalar"), seed=1)
+    with RunCheckpointer(d / "rm", async_save=False) as checkpointer:
+        checkpointer.save(1, {"params": nnx.state(rm)}, metadata={MODEL_CONFIG_KEY: model_config_to_dict(rm.config)},
+                          force=True)
     return d, str(synthetic.train_sentencepiece(d / "tok", synthetic.corpus(seed=0)))
 
 
@@ -37,6 +44,7 @@ def _config(out, task, *extra):
     return apply_overrides(grpo.default_config(), [
         f"--config.output_dir={out}", "--config.data.quickstart_task=False", f"--config.tokenizer={tokenizer}",
         f"--config.data.path={d}/train.jsonl", f"--config.data.eval_path={d}/eval.jsonl", "--config.data.eval_batch=8",
+        "--config.data.eval_samples=0",
         "--config.model.checkpoint=", "--config.grpo.prompts_per_step=4", "--config.grpo.group_size=4",
         "--config.sampling.max_new_tokens=6", "--config.train.log_every=1", "--config.optim.learning_rate=1e-3",
         MESH, *extra])
@@ -69,15 +77,21 @@ def test_training_forward_reproduces_the_sampler_logprobs(task):
 
 
 def test_grpo_pulse_on_eight_devices(tmp_path, task):
-    # Two passes over the rollout (old log-probs recomputed), a KL to the reference, clip-higher.
-    summary = grpo.main(_config(tmp_path, task, "--config.train.steps=2", "--config.grpo.beta=0.04",
+    # Two passes over the rollout (old log-probs recomputed), a KL to the reference, clip-higher, and a
+    # reward model next to the verifier (it scores on its own devices, inside the trainer's mesh).
+    rewards = [{"name": "math", "extract": "last_number", "correct": 1.0},
+               {"name": "reward_model", "checkpoint": str(task[0] / "rm"), "tokenizer": task[1], "weight": 0.1,
+                "max_length": 128}]
+    config = _config(tmp_path, task, "--config.train.steps=2", "--config.grpo.beta=0.04",
                                 "--config.grpo.num_iterations=2", "--config.grpo.epsilon_high=0.28",
-                                "--config.grpo.loss_aggregation=sequence_mean"))
+                                "--config.grpo.loss_aggregation=sequence_mean")
+    config.rewards = rewards
+    summary = grpo.main(config)
     assert summary["final_step"] == 2 and summary["compilations"] == {"train_step": 1, "sampler": 2}
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 2
-    for key in ("reward_mean", "reward_std", "accuracy", "rewards/math/mean", "kl", "clip_fraction", "entropy",
+    for key in ("reward_mean", "reward_std", "accuracy", "rewards/math/mean", "rewards/reward_model/std", "kl", "clip_fraction", "entropy",
                 "completion_length_mean", "rollout_tokens_per_s", "train_tokens_per_s", "grad_norm"):
         assert np.isfinite(train[-1][f"train/{key}"]), key
     assert train[0]["train/kl"] >= 0 and train[-1]["train/learning_rate"] > 0
