@@ -68,6 +68,10 @@ def _kernel_env(runs_dir: Path) -> dict[str, str]:
     env["XLA_FLAGS"] = " ".join(flags)
     env.pop("MPLBACKEND", None)  # let ipykernel use the inline backend: figures become image/png outputs
     env.update(POSTTRAIN_JAX_NOTEBOOK_FAST="1", POSTTRAIN_JAX_RUNS_DIR=str(runs_dir), JAX_PLATFORMS="cpu")
+    # A persistent compilation cache shared by the notebooks' kernels: the same model init, eval and sampler
+    # programs recur across runs and notebooks, and compiling dominates fast mode on a CPU.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(runs_dir.parent / "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 

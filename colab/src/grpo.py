@@ -118,11 +118,11 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## One group, scored
+# ## Groups, scored
 #
-# What a step sees: one held-out prompt, `group_size` completions sampled at temperature 1 from the trained
-# policy, their rewards and their group-relative advantages. A group whose completions are all right (or all
-# wrong) has advantage 0 everywhere and teaches nothing.
+# What a training step sees, here for held-out prompts and the trained policy: `grpo.group_size` completions
+# per prompt, sampled exactly as in training, their rewards and their group-relative advantages. A group whose
+# completions are all right (or all wrong) has advantage 0 everywhere and teaches nothing.
 
 # %%
 import jax.numpy as jnp
@@ -136,25 +136,28 @@ from posttrain_jax.trainers.common import mesh_and_rules
 from posttrain_jax.trainers.rollout import completion_text, stop_tokens_for
 
 tokenizer = load_tokenizer(config.tokenizer)
-model = nnx.merge(summary["graphdef"], summary["params"])
-graphdef, state = nnx.split(model)
+model_config = nnx.merge(summary["graphdef"], summary["params"]).config
 mesh, rules = mesh_and_rules(config)
+g, s = config.grpo, config.sampling
 with open(config.data.eval_path) as f:
-    row = json.loads(f.readline())
-messages = [{"role": "user", "content": row["prompt"]}]
-group = config.grpo.group_size
-params = SamplingParams(max_new_tokens=config.sampling.max_new_tokens, temperature=1.0, num_samples=group,
-                        stop_tokens=stop_tokens_for(tokenizer, config.chat_template),
-                        pad_token=model.config.pad_token_id)
-prompt = render_chat(tokenizer, messages, template=config.chat_template, add_generation_prompt=True).ids
-out = Sampler(graphdef, model.config, mesh=mesh, rules=rules)(state, [prompt], params, seed=1)
-texts = [completion_text(tokenizer, out.tokens[i], int(out.lengths[i]), bool(out.stopped[i])) for i in range(group)]
-scored = build_rewards([dict(r) for r in config.rewards])(texts, prompts=[messages] * group, rows=[row] * group)
-advantages = group_advantages(jnp.asarray(scored.total), group, scale=config.grpo.advantage_scale,
-                              std_ddof=config.grpo.std_ddof, eps=config.grpo.advantage_eps).advantages
-print(f"{row['prompt']}  (answer {row['answer']})")
-for text, reward, advantage in zip(texts, scored.total, advantages):
-    print(f"  reward {reward:.0f}  advantage {float(advantage):+.2f}  {text!r}")
+    rows = [json.loads(line) for line, _ in zip(f, range(g.prompts_per_step))]
+messages = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+prompts = [render_chat(tokenizer, m, template=config.chat_template, add_generation_prompt=True).ids for m in messages]
+params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens),
+                        pad_token=model_config.pad_token_id, num_samples=g.group_size)
+sampler = Sampler(summary["graphdef"], model_config, mesh=mesh, rules=rules)
+out = sampler(summary["params"], prompts, params, seed=1, prompt_bucket=config.data.max_prompt_length)
+texts = [completion_text(tokenizer, out.tokens[i], int(out.lengths[i]), bool(out.stopped[i]))
+         for i in range(len(out.lengths))]
+repeat = lambda items: [item for item in items for _ in range(g.group_size)]  # noqa: E731
+scored = build_rewards([dict(r) for r in config.rewards])(texts, prompts=repeat(messages), rows=repeat(rows))
+advantages = group_advantages(jnp.asarray(scored.total), g.group_size, scale=g.advantage_scale,
+                              std_ddof=g.std_ddof, eps=g.advantage_eps).advantages
+for i, row in enumerate(rows[:2]):  # two groups are enough to read
+    print(f"{row['prompt']}  (answer {row['answer']})")
+    for j in range(i * g.group_size, (i + 1) * g.group_size):
+        print(f"  reward {scored.total[j]:.0f}  advantage {float(advantages[j]):+.2f}  {texts[j]!r}")
 
 # %% [markdown]
 # ## Next
