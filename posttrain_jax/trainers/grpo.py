@@ -38,7 +38,7 @@ from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
-from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from posttrain_jax.train import init_train_state, jit_train_step, make_train_step
 from posttrain_jax.train.loop import resume_from_latest
 from posttrain_jax.trainers import runner
 from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules, run_metadata
@@ -140,11 +140,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                             top_p=s.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens),
                             pad_token=pad, num_samples=g.group_size)
     optimizer_steps = total_steps * g.num_iterations * g.num_minibatches
-    o = config.optim
-    tx, schedule = make_optimizer(learning_rate=o.learning_rate, total_steps=optimizer_steps, schedule=o.schedule,
-                                  warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
-                                  weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
-                                  eps=o.eps)
+    tx, schedule = runner.optimizer_from_config(config.optim, optimizer_steps)
     graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh)
     # The reference is the initial policy, frozen (rebuilt identically on resume).
     reference = jax.tree.map(jnp.copy, state.params) if g.beta else None

@@ -31,6 +31,13 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**base, **overrides})
 
 
+def optimizer_from_config(o: ml_collections.ConfigDict, total_steps: int):
+    """(optax transformation, lr schedule) from an `optim` section."""
+    return make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
+                          warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
+                          max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
 def loop_config(**overrides) -> ml_collections.ConfigDict:
     base = dict(steps=0, accum_steps=1, ema_decay=0.0, log_every=25, eval_every=0, checkpoint_every=0,
                 keep_checkpoints=3, async_checkpoint=True, peak_flops=0.0)
@@ -54,11 +61,8 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes).
     """
     started = time.time()
-    t, o = config.train, config.optim
-    tx, schedule = make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
-                                  warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
-                                  weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
-                                  eps=o.eps)
+    t = config.train
+    tx, schedule = optimizer_from_config(config.optim, total_steps)
     graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
