@@ -38,8 +38,9 @@ import os
 import subprocess
 import sys
 
+# Colab TPU runtimes ship libtpu and expose the chips as /dev/accel* (v2-v4) or /dev/vfio/* (v5e, v6e).
 ON_TPU = os.environ.get("JAX_PLATFORMS", "") != "cpu" and bool(
-    os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
+    importlib.util.find_spec("libtpu") or os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
     or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 if importlib.util.find_spec("posttrain_jax") is None:
     packages = [f"posttrain_jax @ git+{{REPO_URL}}", "matplotlib"] + (["jax[tpu]"] if ON_TPU else [])

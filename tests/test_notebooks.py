@@ -99,16 +99,18 @@ def run_notebook(name: str, workdir: Path):
                                      resources={"metadata": {"path": str(workdir)}})
     current = {}
     client.on_cell_execute = lambda cell, cell_index: current.update(cell=cell, index=cell_index)
-    started = time.perf_counter()
+    started, failure = time.perf_counter(), None
     try:
         client.execute(env=_kernel_env(workdir / "runs"))
     except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError) as error:
+        failure = _ANSI.sub("", str(error))[-6000:]
+    if failure is not None:  # outside the except: no chained, colour-coded copy of the same traceback
         cell = current.get("cell")
         where = f"cell {current.get('index')}" if cell is not None else "before the first cell"
         source = cell.source if cell is not None else ""
         detail = _error_text(cell) if cell is not None else ""
         pytest.fail(f"colab/{name}.ipynb failed in {where}:\n--- source ---\n{source}\n--- error ---\n"
-                    f"{detail or _ANSI.sub('', str(error))[-6000:]}", pytrace=False)
+                    f"{detail or failure}", pytrace=False)
     seconds = time.perf_counter() - started
     print(f"\n{name}.ipynb ran in {seconds:.1f} s (fast mode)")
     return nb, seconds
