@@ -84,7 +84,10 @@ print(f"prompt:   {pair['prompt']}\nchosen:   {pair['chosen']}\nrejected: {pair[
 # ## Step 3: train
 #
 # The summary holds the held-out metrics before and after: preference accuracy (how often the chosen
-# response gets the higher implicit reward), the reward margin, and the exact match of the SFT task's answers.
+# response gets the strictly higher implicit reward: 0% before training, when every reward is 0), the reward
+# margin, and the exact match of the SFT task's answers. Watch the last one: DPO widens a margin, which it can
+# also do by making both responses less likely; the NLL term (`train.nll_coef`) is there to hold the chosen
+# answers up.
 
 # %%
 summary = dpo.main(config)

@@ -85,6 +85,8 @@ summary = grpo.main(config)
 before, after = summary["eval_before"], summary["eval_after"]
 print(f"held-out greedy accuracy ({int(after['prompts'])} problems): {before['accuracy']:.1%} before -> "
       f"{after['accuracy']:.1%} after")
+for key in after:  # every held-out metric the trainer reports
+    print(f"  {key:>32}: {before.get(key, float('nan')):.4g} -> {after[key]:.4g}")
 print("compilations:", summary["compilations"])
 
 # %% [markdown]
@@ -154,8 +156,9 @@ repeat = lambda items: [item for item in items for _ in range(g.group_size)]  # 
 scored = build_rewards([dict(r) for r in config.rewards])(texts, prompts=repeat(messages), rows=repeat(rows))
 advantages = group_advantages(jnp.asarray(scored.total), g.group_size, scale=g.advantage_scale,
                               std_ddof=g.std_ddof, eps=g.advantage_eps).advantages
-for i, row in enumerate(rows[:2]):  # two groups are enough to read
-    print(f"{row['prompt']}  (answer {row['answer']})")
+spread = scored.total.reshape(-1, g.group_size).std(axis=1)
+for i in sorted(range(len(rows)), key=lambda i: -spread[i])[:2]:  # two groups, mixed ones (they teach) first
+    print(f"{rows[i]['prompt']}  (answer {rows[i]['answer']})")
     for j in range(i * g.group_size, (i + 1) * g.group_size):
         print(f"  reward {scored.total[j]:.0f}  advantage {float(advantages[j]):+.2f}  {texts[j]!r}")
 
