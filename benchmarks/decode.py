@@ -395,9 +395,13 @@ def main(argv=None) -> None:
                 if args.parallel_setup:
                     workers[variant].info = workers[variant].read()
             rounds = {v: [] for v in workers}
-            for _ in range(args.rounds):  # interleaved: bandwidth A B C, bandwidth A B C, ...
+            for index in range(args.rounds):  # interleaved: bandwidth A B C, bandwidth A B C, ...
                 for variant, worker in workers.items():
                     rounds[variant].append(worker.ask("round"))
+                    if "total_s" in rounds[variant][-1]:  # progress, off the JSON stream
+                        print(f"decode.py: round {index + 1}/{args.rounds} {variant}: "
+                              f"{args.batch * args.new_tokens / rounds[variant][-1]['total_s']:.1f} tokens/s",
+                              file=sys.stderr, flush=True)
             finals = {v: w.ask("finish") for v, w in workers.items()}
         finally:
             for worker in workers.values():
