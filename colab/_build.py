@@ -23,14 +23,11 @@ COLAB_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = COLAB_DIR / "src"
 NOTEBOOKS = ("sft_quickstart", "tulu3_loss_ablation", "dpo", "grpo")
 
-# The one place the package's repository is named: the installation cell of every notebook installs from it.
-REPO_URL = "https://github.com/posttrain-jax/posttrain_jax.git"
-
-_INSTALL = f'''\
-# Installation. On Colab: the package from its git repository, plus jax[tpu] on a TPU runtime.
+_INSTALL = '''\
+# Installation. On Colab: the package from a wheel you uploaded or from SOURCE, plus jax[tpu] on a TPU runtime.
 # Skipped when posttrain_jax is importable already (a local checkout, the tests, a second run).
-REPO_URL = "{REPO_URL}"
-
+# Make the wheel in a checkout with `python -m pip wheel --no-deps . -w dist` and drop dist/posttrain_jax-*.whl
+# into Colab's file pane, or set SOURCE to a pip requirement, e.g. "git+https://<git host>/<you>/posttrain_jax.git".
 import glob
 import importlib
 import importlib.util
@@ -38,12 +35,19 @@ import os
 import subprocess
 import sys
 
+SOURCE = os.environ.get("POSTTRAIN_JAX_SOURCE", "")
+
 # Colab TPU runtimes ship libtpu and expose the chips as /dev/accel* (v2-v4) or /dev/vfio/* (v5e, v6e).
 ON_TPU = os.environ.get("JAX_PLATFORMS", "") != "cpu" and bool(
     importlib.util.find_spec("libtpu") or os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
     or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 if importlib.util.find_spec("posttrain_jax") is None:
-    packages = [f"posttrain_jax @ git+{{REPO_URL}}", "matplotlib"] + (["jax[tpu]"] if ON_TPU else [])
+    wheels = sorted(glob.glob("posttrain_jax-*.whl") + glob.glob("/content/posttrain_jax-*.whl"))
+    source = SOURCE or (wheels[-1] if wheels else "")
+    if not source:
+        raise RuntimeError("posttrain_jax is not installed: upload dist/posttrain_jax-*.whl (see the comment "
+                           "above) or set SOURCE to a pip requirement for it, then run this cell again")
+    packages = [source, "matplotlib"] + (["jax[tpu]"] if ON_TPU else [])
     print("pip install", *packages)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *packages], check=True)
     importlib.invalidate_caches()

@@ -50,7 +50,7 @@ def test_notebook_is_valid_and_has_no_outputs(name):
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name}.ipynb has outputs"
     sources = "\n".join(c.source for c in code)
     # What every notebook promises: install cell, FAST parameter, runs dir, device discovery.
-    for needle in ("REPO_URL = ", "POSTTRAIN_JAX_NOTEBOOK_FAST", "POSTTRAIN_JAX_RUNS_DIR", "jax.devices()"):
+    for needle in ("POSTTRAIN_JAX_SOURCE", "POSTTRAIN_JAX_NOTEBOOK_FAST", "POSTTRAIN_JAX_RUNS_DIR", "jax.devices()"):
         assert needle in sources, f"{name}.ipynb: no {needle!r}"
     assert any("parameters" in c.metadata.get("tags", []) for c in code), f"{name}.ipynb: no parameters cell"
 
