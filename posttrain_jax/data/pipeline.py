@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from posttrain_jax.data.examples import TokenizedSource, check_template, tokenize_source
 from posttrain_jax.data.mixing import mixture_order, num_draws
-from posttrain_jax.data.packing import BATCH_KEYS, build_row, empty_row, plan_rows
+from posttrain_jax.data.packing import build_row, empty_row, plan_rows
 from posttrain_jax.data.stats import PipelineStats
 from posttrain_jax.tokenizer import Tokenizer
 

@@ -8,7 +8,6 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from posttrain_jax.config import apply_overrides
 from posttrain_jax.data import synthetic
@@ -85,7 +84,7 @@ def test_reward_model_learns_a_separable_set_and_scores_like_training(tmp_path, 
 def test_dpo_learns_and_online_equals_cached_reference(tmp_path, toy):
     online = dpo.main(_config(dpo, tmp_path / "online", toy, "--config.train.steps=8", "--config.train.nll_coef=0.2",
                               "--config.optim.learning_rate=1e-3"))
-    cached = dpo.main(_config(dpo, tmp_path / "cached", toy, "--config.train.steps=8", "--config.train.nll_coef=0.2",
+    dpo.main(_config(dpo, tmp_path / "cached", toy, "--config.train.steps=8", "--config.train.nll_coef=0.2",
                               "--config.optim.learning_rate=1e-3", "--config.train.reference=cached"))
     assert _losses(tmp_path / "online") == _losses(tmp_path / "cached")
     # Step 1: policy == reference, so the DPO term is log 2 per pair (+ the NLL term, reported apart).

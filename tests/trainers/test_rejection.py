@@ -24,23 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 K, PER_BATCH, NUM_PROMPTS = 4, 4, 10  # 3 batches, the last one half padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only: every run compiles the same model init, sampler
-    and reward-model programs, so the runs after the first load them instead of compiling (~4x faster)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    for key, value in zip(keys, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-        jax.config.update(key, value)
-    cc.reset_cache()
-    yield
-    for key, value in saved.items():
-        jax.config.update(key, value)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """Prompts (one with a system message), a tokenizer, and a random reward model with O(1) scores."""
