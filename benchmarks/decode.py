@@ -40,9 +40,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from sft_step import emit, max_rss_mib  # noqa: E402  (shared harness helpers)
+from sft_step import emit, max_rss_mib
 
 VARIANTS = ("jax-fp32", "jax-bf16", "jax-fp32-sample", "torch-fp32", "torch-fp32-static", "torch-bf16",
             "torch-fp32-sample")
@@ -96,7 +98,7 @@ def kv_bytes_per_step(config, batch: int, slots: int, itemsize: int) -> int:
 def worker_export(args) -> dict:
     """Random weights (seed 0) written as a transformers directory, and the prompts, shared by every variant."""
     import jax
-    import numpy as np
+
     from posttrain_jax.models import create_model, export_hf, preset
     config = preset(args.preset)
     # With a (one-device) mesh the init is one jitted program: much faster than eager op-by-op init.
@@ -123,8 +125,8 @@ class JaxRunner:
 
     def __init__(self, args, variant: str):
         import jax
-        import numpy as np
         from flax import nnx
+
         from posttrain_jax.models import load_hf
         from posttrain_jax.sampling import Sampler, SamplingParams
         self.jax = jax
@@ -134,7 +136,7 @@ class JaxRunner:
         self.samplers = {"prefill": Sampler(self.graphdef, model.config), "full": Sampler(self.graphdef, model.config)}
         self.prompts = np.load(os.path.join(args.data_dir, "prompts.npy"))
         self.mask = np.ones_like(self.prompts)
-        sampling = dict(greedy=True) if "sample" not in variant else dict(temperature=1.0)
+        sampling = {"greedy": True} if "sample" not in variant else {"temperature": 1.0}
         self.full = SamplingParams(max_new_tokens=args.new_tokens, **sampling)
         self.prefill_only = SamplingParams(max_new_tokens=1, **sampling)
         self.calls = 0
@@ -159,7 +161,6 @@ class JaxRunner:
         return self._run("prefill", self.prefill_only)
 
     def generate(self):
-        import numpy as np
         return np.asarray(self._run("full", self.full))
 
 
@@ -176,8 +177,8 @@ class TorchRunner:
                                                                   dtype=torch.float32)
         self.model = model.to(dtype).eval()
         notes = []
-        kw = dict(do_sample=False) if "sample" not in variant else dict(do_sample=True, temperature=1.0, top_k=0,
-                                                                           top_p=1.0)
+        kw = {"do_sample": False} if "sample" not in variant else {"do_sample": True, "temperature": 1.0,
+                                                                       "top_k": 0, "top_p": 1.0}
         if variant.endswith("static"):
             kw["cache_implementation"] = "static"
             # transformers 5.23: for a config with `layer_types`, generate() builds a dict of masks for the
@@ -187,8 +188,8 @@ class TorchRunner:
                 del self.model.config.layer_types
                 notes.append("deleted config.layer_types (all full attention) to work around transformers' "
                              "static-cache mask bug for Llama")
-        self.prompts = torch.from_numpy(__import__("numpy").load(os.path.join(args.data_dir, "prompts.npy"))).long()
-        self.common = dict(attention_mask=torch.ones_like(self.prompts), use_cache=True, pad_token_id=0, **kw)
+        self.prompts = torch.from_numpy(np.load(os.path.join(args.data_dir, "prompts.npy"))).long()
+        self.common = {"attention_mask": torch.ones_like(self.prompts), "use_cache": True, "pad_token_id": 0, **kw}
         self.new_tokens = args.new_tokens
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -220,7 +221,6 @@ class BandwidthRunner:
     def __init__(self, args, variant: str):
         import jax
         import jax.numpy as jnp
-        import numpy as np
         n = args.bandwidth_mib * 2**20 // 4
         self.host = np.ones(n, np.float32)
         self.device = jnp.asarray(self.host)
