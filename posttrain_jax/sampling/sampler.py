@@ -179,7 +179,9 @@ class Sampler:
         kv, slots = self._sharding(_KV_AXES), self._sharding(_SLOT_AXES)
 
         def zeros(shape, dtype, sharding):
-            return jnp.zeros(shape, dtype, device=sharding) if sharding is not None else jnp.zeros(shape, dtype)
+            # Committed like the cache the program hands back: an uncommitted first cache would make the
+            # second call (with the returned, committed one) compile the program again.
+            return jnp.zeros(shape, dtype, device=sharding if sharding is not None else jax.devices()[0])
         return KVCache(keys=tuple(zeros(shape, self.cache_dtype, kv) for _ in range(c.num_layers)),
                        values=tuple(zeros(shape, self.cache_dtype, kv) for _ in range(c.num_layers)),
                        segment_ids=zeros((rows, max_len), jnp.int32, slots),
