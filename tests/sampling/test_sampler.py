@@ -1,5 +1,7 @@
 """The jitted sampler against the model's own full forward (no cache), fp32."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,19 +22,33 @@ def _model(name, mesh=None):
     return model, graphdef, state
 
 
+WIDTH = 32  # every reference forward runs at this one width: causal, so padding after a token never matters
+
+
+@functools.cache
+def _forward():
+    return jax.jit(lambda model, tokens, segment_ids: model(tokens, None, segment_ids))
+
+
+def _full_logits(model, seq):
+    """Logits of a full (no cache) forward over `seq`, right-padded to WIDTH: [len(seq), vocab]."""
+    tokens = np.zeros((1, WIDTH), np.int32)
+    tokens[0, :len(seq)] = seq
+    return _forward()(model, jnp.asarray(tokens), jnp.asarray((np.arange(WIDTH) < len(seq))[None]).astype(jnp.int32))[0, :len(seq)]
+
+
 def _greedy_reference(model, prompt, steps):
-    forward = jax.jit(lambda m, t: m(t))
     seq = list(prompt)
     for _ in range(steps):
-        seq.append(int(jnp.argmax(forward(model, jnp.asarray([seq]))[0, -1])))
+        seq.append(int(jnp.argmax(_full_logits(model, seq)[-1])))
     return seq[len(prompt):]
 
 
 def _recomputed_logprobs(model, prompt, completion, temperature=1.0):
     """A training-style forward over prompt + completion: log p of each completion token."""
-    seq = jnp.asarray([list(prompt) + list(completion)])
-    logits = model(seq[:, :-1]) / temperature
-    return np.asarray(token_logprobs(logits, seq[:, 1:]))[0, len(prompt) - 1:]
+    seq = list(prompt) + [int(t) for t in completion]
+    logits = _full_logits(model, seq[:-1]) / temperature
+    return np.asarray(token_logprobs(logits, jnp.asarray(seq[1:])))[len(prompt) - 1:]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
