@@ -280,3 +280,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     log.info("jax.distributed from %s: process %d of %d, %d local / %d global devices", source,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def local_mesh() -> Mesh:
+    """This process's devices as one FSDP mesh: for models each process runs on its own (a reward model
+    scoring this process's completions), with no collective across processes."""
+    return make_mesh({"fsdp": -1}, devices=jax.local_devices())

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from posttrain_jax.checkpointing import RunCheckpointer
 from posttrain_jax.data import synthetic
 from posttrain_jax.losses.grpo import AGGREGATIONS, group_advantages
-from posttrain_jax.mesh import make_mesh
+from posttrain_jax.mesh import local_mesh
 from posttrain_jax.metrics import MetricsWriter, progress_bar
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
@@ -136,8 +136,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     prompt_iter = PromptIterator(prompts, g.prompts_per_step, seed=config.seed, epochs=d.epochs)
     total_steps = t.steps or prompt_iter.num_batches
     # A reward model is sharded over this process's devices: each process scores its own completions.
-    local_mesh = make_mesh({"fsdp": -1}, devices=jax.local_devices())
-    rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh)
+    rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh())
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
@@ -311,21 +310,21 @@ def _make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
         sums = np.zeros(2 * len(modes))  # per mode: correct, reward
         share = batch // count
         first = jax.process_index() * share
-        with jax.set_mesh(sampler.mesh), logical_rules(sampler.rules):
-            for begin in range(0, len(prompts), batch):
-                chunk = prompts[begin:begin + batch]
-                real = len(chunk)
-                chunk = chunk + [prompts[0]] * (batch - real)  # a fixed shape: one compilation per mode
-                local = chunk[first:first + share]
-                for i, (name, params_) in enumerate(modes.items()):
-                    out = sample_and_score(sampler, params, local, params_, jax.random.key(begin),
-                                           tokenizer=tokenizer, rewards=rewards,
-                                           max_prompt_length=d.max_prompt_length)
-                    n = params_.num_samples
-                    valid = np.repeat(np.arange(first, first + share) < real, n).astype(np.float64) / n
-                    if verifiable:
-                        sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
-                    sums[2 * i + 1] += float((out.rewards.total * valid).sum())
+        # (the sampler sets its mesh itself; a reward model runs on its own)
+        for begin in range(0, len(prompts), batch):
+            chunk = prompts[begin:begin + batch]
+            real = len(chunk)
+            chunk = chunk + [prompts[0]] * (batch - real)  # a fixed shape: one compilation per mode
+            local = chunk[first:first + share]
+            for i, (name, params_) in enumerate(modes.items()):
+                out = sample_and_score(sampler, params, local, params_, jax.random.key(begin),
+                                       tokenizer=tokenizer, rewards=rewards,
+                                       max_prompt_length=d.max_prompt_length)
+                n = params_.num_samples
+                valid = np.repeat(np.arange(first, first + share) < real, n).astype(np.float64) / n
+                if verifiable:
+                    sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
+                sums[2 * i + 1] += float((out.rewards.total * valid).sum())
         sums = _global(sums[None]).sum(axis=0) / len(prompts)
         result = {"prompts": float(len(prompts))}
         for i, name in enumerate(modes):

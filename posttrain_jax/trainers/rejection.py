@@ -42,7 +42,6 @@ is overwritten.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -55,14 +54,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from posttrain_jax.data import synthetic
-from posttrain_jax.rewards import (Rewards, RewardTerm, reward_model_from_checkpoint, reward_model_reward,
-                                   reward_term_from_spec)
-from posttrain_jax.mesh import AXES
+from posttrain_jax.mesh import local_mesh
+from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import logical_to_spec
 from posttrain_jax.tokenizer import load_tokenizer, validate_messages
 from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules
-from posttrain_jax.trainers.export import load_checkpoint_model
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
 from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for
 
@@ -145,36 +142,6 @@ def _check_rewards(rewards, require_correct) -> None:
         if name not in rewards.verifiable:
             raise ValueError(f"rejection.require_correct names {name!r}, which has no notion of correct (not a "
                              f"verifiable reward); verifiable rewards: {list(rewards.verifiable)}")
-
-
-def build_local_rewards(specs) -> Rewards:
-    """`build_rewards`, except that a reward model is sharded (fsdp) over this process's devices.
-
-    `build_rewards` puts it on the first device (an 8B or 70B reward model does not fit there) and its
-    forward fails inside a multi-device `jax.set_mesh` context. Scoring stays process-local: each process
-    scores its own completions on its own devices, host arrays in, no collective across processes.
-    """
-    local = jax.sharding.Mesh(np.asarray(jax.local_devices()).reshape(1, -1, 1), AXES)
-    valid = {"name", "weight", "label", *inspect.signature(reward_model_from_checkpoint).parameters}
-    terms = []
-    for i, spec in enumerate(specs):
-        spec, where = dict(spec), f"rewards[{i}]"
-        if spec.get("name") != "reward_model":
-            terms.append(reward_term_from_spec(spec, where))
-            continue
-        unknown, missing = sorted(set(spec) - valid), [k for k in ("checkpoint", "tokenizer") if not spec.get(k)]
-        if unknown or missing:
-            problem = f"unknown key(s) {unknown}" if unknown else f"missing {missing}"
-            raise ValueError(f"{where} ('reward_model'): {problem}; valid keys: {', '.join(sorted(valid))}")
-        options = {k: spec[k] for k in ("template", "batch_size", "max_length") if k in spec}
-        try:
-            model = load_checkpoint_model(spec["checkpoint"], mesh=local, ema=spec.get("ema", False),
-                                          step=spec.get("step"))
-            fn = reward_model_reward(model, load_tokenizer(spec["tokenizer"]), **options)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} ('reward_model'): {e}") from e
-        terms.append(RewardTerm(spec.get("label", "reward_model"), fn, spec.get("weight", 1.0)))
-    return Rewards(terms)
 
 
 def _check_batch(prompts_per_batch: int, mesh, rules) -> None:
@@ -424,7 +391,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     _sft_ready(prompts)
     if isinstance(config.rewards, (str, dict)) or not config.rewards:
         raise ValueError(f"rewards={config.rewards!r} must be a non-empty list of reward specs")
-    rewards = build_local_rewards(config.rewards)
+    # A reward model is sharded over this process's devices: each process scores its own completions.
+    rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh())
     require_correct = list(r.require_correct)
     _check_rewards(rewards, require_correct)
     output = r.output or os.path.join(config.output_dir, "rejection_sampled.jsonl")
