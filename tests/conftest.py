@@ -21,3 +21,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (real models, long AOT compiles) run only with POSTTRAIN_JAX_SLOW=1."""
+    import pytest
+
+    if os.environ.get("POSTTRAIN_JAX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set POSTTRAIN_JAX_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
