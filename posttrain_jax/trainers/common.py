@@ -28,6 +28,9 @@ def model_config() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype; bfloat16 on TPU
         param_dtype="float32",  # master weights
         remat=False,
+        # Attention kernel: auto (splash on TPU, cuDNN on GPU where it applies, else xla / blocked
+        # for long rows) | xla | blocked | splash | cudnn; see posttrain_jax/models/attention.py.
+        attention="auto",
     ))
 
 
@@ -59,10 +62,10 @@ def data_shards(mesh) -> int:
 def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
                 vocab_size: int | None = None) -> Decoder:
     """The model named by the `model` section, created or loaded straight into its shardings."""
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.attention)
     if cfg.hf_path:
         return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
-                       compute_dtype=cfg.dtype, remat=cfg.remat)
+                       compute_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
     if cfg.checkpoint:
         step_dir = resolve_step_dir(cfg.checkpoint)
         meta = read_metadata(step_dir) or {}
