@@ -168,9 +168,12 @@ def _splash_kernel(heads: int, length: int, window: int | None, softcap: float |
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                               block_kv_dq=block)
-    return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, attn_logits_soft_cap=softcap, mask_value=MASK_VALUE,
-                                  interpret=interpret)
+    # The block tables are built from numpy at trace time: make them concrete constants so the
+    # cached kernel never holds a tracer of the jit that first built it.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                                      q_seq_shards=1, attn_logits_soft_cap=softcap, mask_value=MASK_VALUE,
+                                      interpret=interpret)
 
 
 def splash_attention(q, k, v, segment_ids, *, scale: float, softcap: float | None = None,

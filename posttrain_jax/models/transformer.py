@@ -150,9 +150,11 @@ class Attention(nnx.Module):
             cache_kv = (k, v)
             q_slots = q_slots + start
             k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
-        # A full row goes to the configured kernel (segment ids, no dense mask); few queries
-        # against a cache (prefill, decode) keep the dense-mask oracle.
-        mask = None if cache_kv is None else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        # A whole row goes to the configured kernel (segment ids, no dense mask), and so does a
+        # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
+        # keys are this chunk's); a few queries against a longer cache keep the dense mask.
+        whole_row = cache_kv is None or k.shape[1] == length
+        mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
         out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c.dtype))
         if c.o_bias:
