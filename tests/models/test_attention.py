@@ -76,13 +76,14 @@ def test_splash_interpret_matches_oracle(window):
 def test_splash_sharded_over_batch_and_heads():
     """Under a data x fsdp x tensor mesh the kernel runs in shard_map: rows over (data, fsdp),
     heads over tensor, as the sharding rules say; equal to the oracle on one device."""
+    from posttrain_jax.mesh import make_mesh
     from posttrain_jax.sharding import DEFAULT_RULES, logical_rules
 
     q, k, v, seg, cotangent = _inputs(128)
     q, k, v, seg, cotangent = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v, seg, cotangent))  # 4 rows
     oracle = functools.partial(attn.attention, implementation="xla", scale=0.25)
     ref, ref_grads = _value_and_grads(lambda q, k, v: oracle(q, k, v, seg), q, k, v, cotangent)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), logical_rules(DEFAULT_RULES):
         fn = functools.partial(attn.attention, implementation="splash", scale=0.25, block=128)
         out, grads = _value_and_grads(lambda q, k, v: fn(q, k, v, seg), q, k, v, cotangent)
