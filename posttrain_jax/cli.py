@@ -10,6 +10,8 @@
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
     posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
+    posttrain-jax compile {sft,rm,dpo,grpo} --topology v5p-16 [--config FILE] [--per-chip-batch N] ...
+                                                 # AOT-compile the train step for a TPU slice: bytes per chip
 
 Without --config a trainer runs its embedded default (the CPU quickstart).
 """
@@ -114,10 +116,16 @@ def _ablate(argv: list[str]) -> None:
     _run_trainer("ablate", argv)
 
 
+def _compile(argv: list[str]) -> None:
+    from posttrain_jax.aot.command import main as compile_main
+    compile_main(argv)
+
+
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
-            "score": _score, "average": _average, "export": _export, "ablate": _ablate}
+            "score": _score, "average": _average, "export": _export, "ablate": _ablate,
+            "compile": _compile}
 
 
 def main(argv: list[str] | None = None) -> None:
