@@ -150,8 +150,8 @@ class PromptIterator:
 
 def stop_tokens_for(tokenizer: Tokenizer, template: str, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """The chat template's end-of-turn token (if the tokenizer has it), the EOS, and configured ids."""
-    ids = []
-    for token in (end_of_turn_token(template), tokenizer.eos_token):
+    ids, end_of_turn = [], end_of_turn_token(template, tokenizer)
+    for token in (end_of_turn, tokenizer.eos_token):
         if token is not None:
             try:
                 ids.append(tokenizer.token_to_id(token))
@@ -159,7 +159,7 @@ def stop_tokens_for(tokenizer: Tokenizer, template: str, extra: Sequence[int] = 
                 pass
     ids += [int(t) for t in extra]
     if not ids:
-        raise ValueError(f"no stop token: the tokenizer has neither {end_of_turn_token(template)!r} nor an EOS; "
+        raise ValueError(f"no stop token: the tokenizer has neither {end_of_turn!r} nor an EOS; "
                          f"configure sampling.stop_tokens")
     return tuple(dict.fromkeys(ids))
 
