@@ -47,7 +47,6 @@ from posttrain_jax.data.sources import DataError, _as_messages, read_rows
 from posttrain_jax.data.stats import SourceStats
 from posttrain_jax.tokenizer import (
     Tokenizer,
-    end_of_turn_token,
     render_chat,
     template_special_tokens,
     validate_messages,
@@ -186,11 +185,15 @@ class TokenizedPairs:
 class PairEncoder:
     """Renders a row's prompt and responses into token ids and loss flags."""
 
-    def __init__(self, tokenizer: Tokenizer, *, template: str, mask_special_tokens: bool = False):
+    def __init__(self, tokenizer: Tokenizer, *, template: str, mask_special_tokens: bool = False,
+                 reward_inputs: bool = False):  # fmt: skip
         check_template(tokenizer, template)
         self.tokenizer, self.template = tokenizer, template
-        self.end_of_turn = end_of_turn_token(template)
-        special = {tokenizer.token_to_id(t) for t in template_special_tokens(template)}
+        # reward_inputs: append a filler id (never an input, never trained) so
+        # that, once shifted, the inputs are the whole conversation.
+        filler = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        self.filler = [filler] if reward_inputs else []
+        special = {tokenizer.token_to_id(t) for t in template_special_tokens(template, tokenizer)}
         special |= {i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}
         self.masked_ids = frozenset(special) if mask_special_tokens else frozenset()
 
@@ -208,17 +211,16 @@ class PairEncoder:
         else:
             # The tokenizer merged across the prompt/reply boundary: encode the
             # reply's text on its own (as TRL does), so the prompt ids stay
-            # those of the prompt. The assistant region (content and end of
-            # turn) ends at the last end-of-turn token.
+            # those of the prompt. All of it is the reply's turn (content, end
+            # of turn and what the template writes after it, as `render_chat`
+            # masks a final assistant turn).
             if not full.text.startswith(prompt.text):
                 raise ValueError(f"template {self.template!r}: the conversation does not extend its prompt")
-            rest = full.text[len(prompt.text) :]
-            ids, offsets = self.tokenizer.encode_with_offsets(rest)
-            region_end = rest.rfind(self.end_of_turn) + len(self.end_of_turn)
-            trained = [start < region_end for start, _ in offsets]
+            ids = self.tokenizer.encode(full.text[len(prompt.text) :])
+            trained = [True] * len(ids)
         if self.masked_ids:
             trained = [t and i not in self.masked_ids for i, t in zip(ids, trained)]
-        return list(ids), list(trained)
+        return [*ids, *self.filler], [*trained, *([False] * len(self.filler))]
 
 
 def response_caps(prompt_len: int, lengths: tuple[int, int], seq_len: int) -> tuple[int, int] | None:

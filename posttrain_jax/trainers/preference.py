@@ -53,8 +53,10 @@ def quickstart_data(config) -> None:
         config.data.eval_path = held_out
 
 
-def pipelines(config, tokenizer, *, rows_multiple: int):
-    """(train iterator, stats, eval iterator or None) from the `data` section."""
+def pipelines(config, tokenizer, *, rows_multiple: int, reward_inputs: bool = False):
+    """(train iterator, stats, eval iterator or None) from the `data` section.
+    reward_inputs: sequences whose inputs are the whole conversation (reward models; see
+    `make_preference_pipeline`)."""
     d = config.data
     if not d.sources:
         raise ValueError("config.data.sources is empty: give at least one {'path': ...} with prompt/chosen/rejected")
@@ -64,7 +66,8 @@ def pipelines(config, tokenizer, *, rows_multiple: int):
                   packing=d.packing, mask_special_tokens=d.mask_special_tokens,
                   keep_strengths=list(d.keep_strengths) or None,
                   strength_margins=LLAMA2_STRENGTH_MARGINS if d.llama2_margins else None,
-                  length_policy=d.length_policy, on_bad_row=d.on_bad_row, rows_multiple=rows_multiple)
+                  length_policy=d.length_policy, on_bad_row=d.on_bad_row, rows_multiple=rows_multiple,
+                  reward_inputs=reward_inputs)
     train_iter, stats = make_preference_pipeline(specs, tokenizer, seed=config.seed, **common)
     eval_iter = None
     if d.eval_path:
