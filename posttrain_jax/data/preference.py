@@ -67,7 +67,7 @@ from posttrain_jax.data.preference_rows import (
     normalize_keep_strengths,
     tokenize_preference_source,
 )
-from posttrain_jax.data.stats import PipelineStats
+from posttrain_jax.data.stats import PipelineStats, bad_row_reason_lines
 from posttrain_jax.data.synthetic import generate_problems
 from posttrain_jax.tokenizer import Tokenizer
 
@@ -112,6 +112,7 @@ class PreferenceStats(PipelineStats):
             }
             if any(dropped.values()):
                 lines.append("    " + ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
+            lines += bad_row_reason_lines(s)
             lines += [f"    skipped: {message}" for message in s.bad_row_samples]
             if s.skipped_bad_rows > len(s.bad_row_samples):
                 lines.append(f"    ... and {s.skipped_bad_rows - len(s.bad_row_samples)} more bad rows")

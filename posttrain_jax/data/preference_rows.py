@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from posttrain_jax.data.examples import BAD_ROW_POLICIES, LENGTH_POLICIES, TokenizedSource, check_choice, check_template
-from posttrain_jax.data.sources import DataError, _as_messages, read_rows
+from posttrain_jax.data.sources import DataError, _as_messages, bad_row_reason, count_rows, read_rows
 from posttrain_jax.data.stats import SourceStats
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.tokenizer import (
     Tokenizer,
     render_chat,
@@ -280,7 +281,9 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
     stats = PreferenceSourceStats(name=name or str(path))
     ids_out, trained_out, offsets = array("i"), bytearray(), array("q", [0])
     margins, strengths = array("f"), array("i")
+    bar = progress_bar(count_rows(path), desc=f"tokenizing {stats.name}", unit="row")
     for raw in read_rows(path):
+        bar.update()
         stats.rows += 1
         try:
             if raw.parse_error is not None:
@@ -297,7 +300,7 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
             message = f"{raw.location}: {e}"
             if on_bad_row == "error":
                 raise DataError(message + ' (pass on_bad_row="skip" to skip and count bad rows)') from e
-            stats.add_bad_row(message)
+            stats.add_bad_row(message, bad_row_reason(e))
             continue
         stats.edited_rows += "edited" in row.responses
         for better, worse in row.pairs():
@@ -329,6 +332,7 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
             stats.truncated += truncated
             stats.tokens += 2 * len(prompt_ids) + cap_a + cap_b - 2
             stats.loss_tokens += loss_a + loss_b
+    bar.close()
     sequences = TokenizedSource(
         stats=stats,
         ids=np.frombuffer(ids_out, dtype=np.int32).copy() if ids_out else np.zeros(0, np.int32),

@@ -11,6 +11,7 @@ import ml_collections
 from posttrain_jax.data import SourceSpec, synthetic
 from posttrain_jax.data.preference import (LLAMA2_STRENGTH_MARGINS, make_preference_eval_pipeline,
                                            make_preference_pipeline, write_arithmetic_preferences)
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sharding import logical_rules, shard_batch
 
 QUICKSTART_SFT_DIR = "runs/sft-quickstart"
@@ -82,10 +83,12 @@ def make_pair_evaluator(pair_metrics, mesh, rules, eval_iter, means, extra_args=
     def evaluate(params) -> dict[str, float]:
         eval_iter.reset()
         total = None
-        with jax.set_mesh(mesh), logical_rules(rules):
+        with jax.set_mesh(mesh), logical_rules(rules), \
+                progress_bar(eval_iter.num_batches, desc="eval", unit="batch", leave=False) as bar:
             for batch in eval_iter:
                 sums = fn(params, *extra_args, shard_batch(batch, mesh, rules))
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+                bar.update()
         return {k: float(v) for k, v in jax.device_get(means(total)).items()}
 
     return evaluate
