@@ -94,7 +94,8 @@ def _score(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--input", required=True, help='JSONL rows {"prompt": ..., "response": ...}')
     parser.add_argument("--output", required=True, help="the rows with a 'reward' field added")
-    parser.add_argument("--chat-template", default="chatml")
+    parser.add_argument("--chat-template", default="auto",
+                        help="auto (the tokenizer's own template), a built-in name, or a .jinja file")
     args = parser.parse_args(argv)
     score_main(args.checkpoint, args.tokenizer, args.input, args.output, args.chat_template)
     print(f"wrote rewards to {args.output}")

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain_jax.tokenizer import QWEN25_DEFAULT_SYSTEM
+from posttrain_jax.chat import CHATML_JINJA, QWEN25_DEFAULT_SYSTEM
 
 # The special tokens of every template in posttrain_jax.tokenizer
 # (CHAT_TEMPLATES), so one tokenizer works with any of them; a test renders
@@ -129,7 +129,8 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
 
     Trained on `texts` (default: `corpus()`). The chat tokens of every
     template are user_defined_symbols (matched in text, as `render_chat`
-    needs); unk/bos/eos/pad are ids 0-3 (``<unk> <s> </s> <pad>``). Byte
+    needs), and a ChatML ``chat_template.jinja`` is written next to it
+    (its own template); unk/bos/eos/pad are ids 0-3 (``<unk> <s> </s> <pad>``). Byte
     fallback and identity normalisation make it lossless on any text; digits
     are split so numbers are digit sequences. `vocab_size` is an upper bound
     (a small corpus may support fewer pieces).
@@ -146,6 +147,8 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
         add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=1.0, num_threads=1,
         minloglevel=2,
     )  # fmt: skip
+    # The tokenizer's own chat template (ChatML), so chat_template="auto" renders with it.
+    (model_prefix.parent / "chat_template.jinja").write_text(CHATML_JINJA, encoding="utf-8")
     return model_prefix.with_name(model_prefix.name + ".model")
 
 

@@ -45,7 +45,8 @@ def base_config(output_dir: str) -> ml_collections.ConfigDict:
     c.sharding_rules = []  # (logical_name, mesh_axes) pairs that take precedence over the defaults
     c.model = model_config()
     c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
-    c.chat_template = "chatml"
+    # "auto": the tokenizer's own template, else the built-in of its model type; or a built-in name / .jinja file.
+    c.chat_template = "auto"
     return c
 
 

@@ -20,6 +20,7 @@ from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
 from posttrain_jax.losses.logprobs import token_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sharding import logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import runner
@@ -93,10 +94,13 @@ def make_eval_fn(graphdef, rules, mesh):
     def evaluate(params, *, eval_iter) -> dict[str, float]:
         eval_iter.reset()
         total = {}
-        with jax.set_mesh(mesh), logical_rules(rules):
+        # A held-out pass on a real model takes minutes: show batches, rate and ETA.
+        with jax.set_mesh(mesh), logical_rules(rules), \
+                progress_bar(eval_iter.num_batches, desc="eval", unit="batch", leave=False) as bar:
             for batch in eval_iter:
                 out = jax.device_get(sums(params, shard_batch(batch, mesh, rules)))
                 total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
+                bar.update()
         return {"loss": total["nll_sum"] / max(total["loss_tokens"], 1.0),
                 "exact_match": total["exact"] / max(round(total["sequences"]), 1), "sequences": round(total["sequences"])}
 
@@ -114,7 +118,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     mesh, rules = mesh_and_rules(config)
     tokenizer = load_tokenizer(config.tokenizer)
     t = config.train
-    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0) * config.data.epochs)
+    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0) * config.data.epochs,
+                        normalize=s.get("normalize", False))
              for s in config.data.sources]
     common = dict(template=config.chat_template, seq_len=config.data.seq_len, global_batch=t.global_batch,
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
