@@ -169,7 +169,7 @@ def test_command_with_a_reward_model_win_rate(toy, tmp_path):
         f"--config.data.path={d}/prompts.jsonl", f"--config.tokenizer={tokenizer}",
         f"--config.model.checkpoint={tmp_path / 'a'}", "--config.model_b.preset=tiny-llama",
         "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}", f"--config.rewards={rewards}",
-        "--config.sampling.max_new_tokens=8", "--config.eval.num_samples=2", "--config.eval.ks=[1, 2]",
+        "--config.sampling.max_new_tokens=8", "--config.eval.num_samples=0", "--config.eval.ks=[]",
         f"--config.eval.prompts_per_batch={PER_BATCH}"])
     results = command.main(config)
     win = results["win_rate"]
@@ -180,6 +180,6 @@ def test_command_with_a_reward_model_win_rate(toy, tmp_path):
     assert win["win_rate"] == pytest.approx(np.mean([(a[i] > b[i]) + 0.5 * (a[i] == b[i]) for i in a]))
     assert 0 < win["win_rate"] < 1
     table = open(tmp_path / "out" / "results.md").read()
-    assert "| metric | model | model_b |" in table and "pass@2" in table and "win rate" in table
+    assert "| metric | model | model_b |" in table and "| accuracy |" in table and "win rate" in table
     assert json.load(open(tmp_path / "out" / "results.json"))["model"]["prompts"] == NUM_PROMPTS
-    assert results["model"]["compilations"] == 2
+    assert results["model"]["compilations"] == 1  # greedy only
