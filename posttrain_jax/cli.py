@@ -6,6 +6,7 @@
     posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
     posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
     posttrain-jax eval [--config FILE] ...       held-out greedy accuracy, pass@k, maj@k, rewards, win rate A vs B
+    posttrain-jax distill [--config FILE] ...    KD / GKD from a frozen teacher: forward/reverse KL, generalised JSD
     posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
@@ -25,7 +26,7 @@ import sys
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
             "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
             "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation",
-            "eval": "posttrain_jax.eval.command"}
+            "eval": "posttrain_jax.eval.command", "distill": "posttrain_jax.trainers.distill"}
 
 
 def _trainer(name: str):
@@ -119,7 +120,7 @@ def _ablate(argv: list[str]) -> None:
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
-            "eval": lambda argv: _run_trainer("eval", argv),
+            "eval": lambda argv: _run_trainer("eval", argv), "distill": lambda argv: _run_trainer("distill", argv),
             "score": _score, "average": _average, "export": _export, "ablate": _ablate}
 
 

@@ -83,18 +83,20 @@ def _quickstart_data(config) -> None:
         multihost_utils.sync_global_devices("eval quickstart data")
 
 
-def settings_from_config(config) -> EvalSettings:
+def settings_from_config(config, max_prompt_length: int) -> EvalSettings:
     e, s = config.eval, config.sampling
     return EvalSettings(num_samples=e.num_samples, ks=tuple(e.ks), greedy=e.greedy, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                        prompts_per_batch=e.prompts_per_batch, max_prompt_length=config.data.max_prompt_length,
+                        prompts_per_batch=e.prompts_per_batch, max_prompt_length=max_prompt_length,
                         answer_extract=e.answer_extract, keep_texts=e.keep_texts, seed=config.seed)
 
 
-def make_evaluator(config, path: str, graphdef, model_config_, *, mesh, rules, tokenizer, rewards) -> Evaluator:
-    """An `Evaluator` on the prompts of `path` for a model of this structure, from the config's `data`,
-    `sampling` and `eval` sections (used by `eval`, `distill` and `pipeline`)."""
-    d = config.data
+def make_evaluator(config, path: str, graphdef, model_config_, *, mesh, rules, tokenizer, rewards,
+                   prompt_options=None) -> Evaluator:
+    """An `Evaluator` on the prompts of `path` for a model of this structure, from the config's `sampling`
+    and `eval` sections; prompt_options (default: the `data` section) gives max_prompt_length,
+    length_policy and on_bad_row (used by `eval`, `distill` and `pipeline`)."""
+    d = prompt_options if prompt_options is not None else config.data
     prompts, stats = load_prompts(path, tokenizer, template=config.chat_template,
                                   max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
                                   on_bad_row=d.on_bad_row)
@@ -102,7 +104,7 @@ def make_evaluator(config, path: str, graphdef, model_config_, *, mesh, rules, t
     pad = model_config_.pad_token_id if model_config_.pad_token_id is not None else 0
     sampler = Sampler(graphdef, model_config_, mesh=mesh, rules=rules)
     return Evaluator(prompts, sampler=sampler, tokenizer=tokenizer, rewards=rewards,
-                     settings=settings_from_config(config), pad_token=pad,
+                     settings=settings_from_config(config, d.max_prompt_length), pad_token=pad,
                      stop_tokens=stop_tokens_for(tokenizer, config.chat_template, config.sampling.stop_tokens))
 
 
