@@ -47,8 +47,10 @@ from posttrain_jax.data import synthetic
 from posttrain_jax.data.preference import write_arithmetic_preferences
 from posttrain_jax.eval.command import eval_section
 from posttrain_jax.trainers.common import base_config, model_config
-from posttrain_jax.trainers.pipeline_stages import (StageRunner, _atomic_json, build_pairs, run_average, run_dpo,
-                                                    run_eval, run_rejection, run_rm, run_sft)
+from posttrain_jax.eval import command as eval_command
+from posttrain_jax.trainers import dpo, rejection, rm, sft
+from posttrain_jax.trainers.pipeline_stages import (StageRunner, _atomic_json, build_pairs, merge, run_average,
+                                                    run_dpo, run_eval, run_rejection, run_rm, run_sft)
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,19 @@ def _quickstart_data(config) -> None:
     d.prompts, d.eval_path = paths["prompts"], paths["eval"]
 
 
+def validate_overrides(config) -> None:
+    """Every stage's overrides name keys its trainer has: a typo fails before round 1, not hours into it."""
+    for module, section, extra in ((rm, config.rm, ()), (rejection, config.rejection, ()), (sft, config.sft, ()),
+                                   (dpo, config.dpo, tuple(config.dpo.candidates)),
+                                   (eval_command, config.eval, ())):
+        where = f"{section is config.eval and 'eval' or module.__name__.rsplit('.', 1)[-1]}.overrides"
+        merge(module.default_config(), section.overrides, where)
+        for i, candidate in enumerate(extra):
+            merge(module.default_config(), candidate, f"dpo.candidates[{i}]")
+
+
 def _check(config) -> None:
+    validate_overrides(config)
     d = config.data
     if config.rounds < 1:
         raise ValueError(f"rounds={config.rounds} must be >= 1")
