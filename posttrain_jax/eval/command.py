@@ -108,6 +108,43 @@ def make_evaluator(config, path: str, graphdef, model_config_, *, mesh, rules, t
                      stop_tokens=stop_tokens_for(tokenizer, config.chat_template, config.sampling.stop_tokens))
 
 
+def generation_eval_section(**overrides) -> ml_collections.ConfigDict:
+    """The `generation_eval` section of a trainer: held-out evaluation by sampling before/after training
+    (off while `path` is empty). Prompt rows as for `posttrain-jax eval`; SFT rows' reply is "reference"."""
+    base = dict(path="", rewards=[{"name": "math", "extract": "last_number", "answer_key": "reference",
+                                   "correct": 1.0, "incorrect": 0.0}],
+                max_prompt_length=64, length_policy="drop", on_bad_row="error", max_new_tokens=32,
+                temperature=1.0, top_k=0, top_p=1.0, stop_tokens=[], greedy=True, num_samples=0, ks=[],
+                prompts_per_batch=64, answer_extract="auto")
+    return ml_collections.ConfigDict({**base, **overrides})
+
+
+def make_generation_evaluator(section, *, chat_template: str, seed: int, graphdef, model_config_, mesh, rules,
+                              tokenizer):
+    """evaluate(params) -> {"generation/<metric>": ...} from a `generation_eval` section, or None if it is off."""
+    if not section.path:
+        return None
+    c = ml_collections.ConfigDict(dict(
+        chat_template=chat_template, seed=seed,
+        sampling=dict(max_new_tokens=section.max_new_tokens, temperature=section.temperature, top_k=section.top_k,
+                      top_p=section.top_p, stop_tokens=list(section.stop_tokens)),
+        eval=dict(num_samples=section.num_samples, ks=list(section.ks), greedy=section.greedy,
+                  prompts_per_batch=section.prompts_per_batch, answer_extract=section.answer_extract,
+                  keep_texts=False)))
+    rewards = build_rewards([dict(r) for r in section.rewards], mesh=local_mesh())
+    evaluator = make_evaluator(c, section.path, graphdef, model_config_, mesh=mesh, rules=rules, tokenizer=tokenizer,
+                               rewards=rewards, prompt_options=section)
+    return lambda params: {f"generation/{k}": v for k, v in evaluator(params, desc="generation eval").items()}
+
+
+def combine_evaluators(*fns):
+    """One evaluate(params) returning the union of the metrics of every non-None function (None if all are)."""
+    fns = [f for f in fns if f is not None]
+    if not fns:
+        return None
+    return lambda params: {k: v for f in fns for k, v in f(params).items()}
+
+
 def _has_model(m) -> bool:
     return bool(m.preset or m.hf_path or m.checkpoint)
 

@@ -183,3 +183,19 @@ def test_command_with_a_reward_model_win_rate(toy, tmp_path):
     assert "| metric | model | model_b |" in table and "| accuracy |" in table and "win rate" in table
     assert json.load(open(tmp_path / "out" / "results.json"))["model"]["prompts"] == NUM_PROMPTS
     assert results["model"]["compilations"] == 1  # greedy only
+
+
+def test_sft_generation_eval_before_and_after(tmp_path):
+    """A trainer's before/after evaluation by sampling: SFT's teacher-forced metrics plus the evaluator's."""
+    from posttrain_jax.trainers import sft
+    out = tmp_path / "sft"
+    config = apply_overrides(sft.default_config(), [
+        f"--config.output_dir={out}", "--config.data.quickstart_num_train=200", "--config.data.quickstart_num_eval=8",
+        "--config.train.global_batch=8", "--config.train.steps=2", "--config.model.preset=tiny-llama",
+        f"--config.generation_eval.path={out}/data/eval.jsonl", "--config.generation_eval.max_new_tokens=8",
+        "--config.generation_eval.prompts_per_batch=8", "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"])
+    summary = sft.main(config)
+    for when in ("eval_before", "eval_after"):
+        metrics = summary[when]
+        assert "exact_match" in metrics and metrics["generation/prompts"] == 8
+        assert 0.0 <= metrics["generation/accuracy"] <= 1.0 and metrics["generation/greedy_length"] > 0
