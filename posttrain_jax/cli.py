@@ -5,6 +5,9 @@
     posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
     posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
     posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
+    posttrain-jax eval [--config FILE] ...       held-out greedy accuracy, pass@k, maj@k, rewards, win rate A vs B
+    posttrain-jax distill [--config FILE] ...    KD / GKD from a frozen teacher: forward/reverse KL, generalised JSD
+    posttrain-jax pipeline [--config FILE] ...   Llama 3's rounds: RM -> rejection sampling -> SFT -> DPO -> average -> eval
     posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
@@ -25,7 +28,9 @@ import sys
 
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
             "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
-            "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation"}
+            "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation",
+            "eval": "posttrain_jax.eval.command", "distill": "posttrain_jax.trainers.distill",
+            "pipeline": "posttrain_jax.trainers.pipeline"}
 
 
 def _trainer(name: str):
@@ -125,6 +130,8 @@ def _compile(argv: list[str]) -> None:
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
+            "eval": lambda argv: _run_trainer("eval", argv), "distill": lambda argv: _run_trainer("distill", argv),
+            "pipeline": lambda argv: _run_trainer("pipeline", argv),
             "score": _score, "average": _average, "export": _export, "ablate": _ablate,
             "compile": _compile}
 
