@@ -123,8 +123,11 @@ def max_relative_difference(a, b) -> float:
     return max(float(np.abs(x - y).max() / (np.abs(y).max() + 1e-30)) for x, y in zip(a, b))
 
 
-def write_task(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """The length-mix task (train, held-out mix, held-out per style) and its tokenizer, written once."""
+def write_task(config: ml_collections.ConfigDict) -> dict[str, str] | None:
+    """The length-mix task (train, held-out mix, held-out per style) and its tokenizer, written once;
+    None when `task.num_train` is 0 (the cells train on `sft.data` as configured)."""
+    if not config.task.num_train:
+        return None
     directory = os.path.join(config.out_dir, "data")
     t, seed = config.task, 0
     paths = {"train": os.path.join(directory, "train.jsonl"), "eval": os.path.join(directory, "eval.jsonl"),
@@ -151,11 +154,13 @@ def cell_config(config, paths, *, aggregation: str, learning_rate: float, accum:
     run = ml_collections.ConfigDict(config.sft.to_dict())
     run.output_dir = os.path.join(config.out_dir, "cells", cell_key(aggregation, learning_rate, accum, devices, seed))
     run.seed = int(seed)
-    run.tokenizer = paths["tokenizer"]
-    run.data.sources = [{"path": paths["train"], "weight": 1.0, "epochs": 1.0}]
-    run.data.eval_path = paths["eval"]
-    run.data.extra_eval_paths = {s: paths[f"eval_{s}"] for s in synthetic.LENGTH_STYLES}
-    run.mesh = {"data": int(devices), "fsdp": 1, "tensor": 1, "num_devices": int(devices)}
+    if paths:
+        run.tokenizer = paths["tokenizer"]
+        run.data.sources = [{"path": paths["train"], "weight": 1.0, "epochs": 1.0}]
+        run.data.eval_path = paths["eval"]
+        run.data.extra_eval_paths = {s: paths[f"eval_{s}"] for s in synthetic.LENGTH_STYLES}
+    if devices:  # else the configured mesh over every device (a pod slice)
+        run.mesh = {"data": int(devices), "fsdp": 1, "tensor": 1, "num_devices": int(devices)}
     run.train.loss_aggregation, run.optim.learning_rate, run.train.accum_steps = aggregation, float(learning_rate), \
         int(accum)
     return run
@@ -255,7 +260,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = True) -> list[dict
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(results + ".tmp", results)
     paths = write_task(config)
-    if not any(r["kind"] == "gradient" for r in rows):
+    if config.gradient_splits and not any(r["kind"] == "gradient" for r in rows):
         for row in _gradient_rows(config, paths):
             _append(results, row)
             rows.append(row)
@@ -275,13 +280,15 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = True) -> list[dict
         has_checkpoint = os.path.isdir(os.path.join(run.output_dir, "checkpoints"))
         summary = sft.main(run, resume=has_checkpoint)
         final = [json.loads(line) for line in open(summary["metrics"]) if '"train/loss_per_token"' in line][-1]
-        after = summary["eval_after"]
+        after = summary.get("eval_after", {})
+        shards = int(devices) or jax.device_count()
         row = {"kind": "train", "cell": key, "aggregation": agg, "learning_rate": float(lr), "accum_steps": int(accum),
-               "devices": int(devices), "seed": int(seed), "micro_batch_rows":
-                   int(run.train.global_batch) // (int(accum) * int(devices)),
-               "steps": int(run.train.steps), "final_loss_per_token": final["train/loss_per_token"],
-               "eval_loss": after["loss"], "eval_exact_match": after["exact_match"]}
-        for style in synthetic.LENGTH_STYLES:
+               "devices": shards, "seed": int(seed), "micro_batch_rows":
+                   int(run.train.global_batch) // (int(accum) * shards),
+               "steps": int(summary.get("final_step", run.train.steps)),
+               "final_loss_per_token": final["train/loss_per_token"],
+               "eval_loss": after.get("loss"), "eval_exact_match": after.get("exact_match")}
+        for style in synthetic.LENGTH_STYLES if paths else ():
             row[f"eval_exact_match_{style}"] = after[f"{style}/exact_match"]
             row[f"eval_loss_{style}"] = after[f"{style}/loss"]
         _append(results, row)

@@ -32,6 +32,11 @@ def _mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def _present(runs: list[dict], metrics) -> tuple:
+    """The metrics every run has a value for (a cell without an eval set, or without reply styles, has fewer)."""
+    return tuple(m for m in metrics if runs and all(r.get(m[0]) is not None for r in runs))
+
+
 def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(cells, split_effects): per (aggregation, lr, split) the seed mean/std of each metric; per
     (aggregation, lr) the mean over seeds of each metric's range across splits, and the seed spread."""
@@ -44,20 +49,20 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for (agg, lr, devices, accum), group in sorted(by_cell.items()):
         cell = {"aggregation": agg, "learning_rate": lr, "devices": devices, "accum_steps": accum,
                 "micro_batch_rows": group[0]["micro_batch_rows"], "seeds": len(group), "split": _split_label(group[0])}
-        for metric, _ in METRICS + (("eval_loss", "loss"),):
+        for metric, _ in _present(runs, METRICS + (("eval_loss", "loss"), ("final_loss_per_token", "train"))):
             cell[metric] = _mean_std([r[metric] for r in group])
         cells.append(cell)
     effects = defaultdict(lambda: defaultdict(list))
     for (agg, lr, _seed), group in by_seed.items():
         if len(group) < 2:
             continue
-        for metric, _ in METRICS:
+        for metric, _ in _present(runs, METRICS):
             values = [r[metric] for r in group]
             effects[(agg, lr)][metric].append(max(values) - min(values))
     split_effects = []
     for (agg, lr), per_metric in sorted(effects.items()):
         row = {"aggregation": agg, "learning_rate": lr}
-        for metric, _ in METRICS:
+        for metric, _ in _present(runs, METRICS):
             row[metric] = _mean_std(per_metric[metric])
             # The seed-to-seed spread at a fixed split, averaged over splits: the noise scale to compare with.
             spreads = [c[metric][1] for c in cells if c["aggregation"] == agg and c["learning_rate"] == lr]
@@ -77,23 +82,26 @@ def table_markdown(rows: list[dict]) -> str:
     lines = ["## Gradient difference vs the first split (max relative)", "",
              "| aggregation | split (devices x accum x micro) | max rel diff |", "| --- | --- | --- |"]
     lines += [f"| {r['aggregation']} | {'x'.join(map(str, r['split']))} | {r['max_rel_diff']:.2e} |" for r in grads]
+    runs = [r for r in rows if r["kind"] == "train"]
+    shown = _present(runs, METRICS)
+    names = {"all": "exact match", "short": "short replies", "long": "long replies"}
     if cells:
-        lines += ["", "## Held-out exact match per cell (mean ± std over seeds)", "",
-                  "| aggregation | lr | split | seeds | all | short replies | long replies | eval loss |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['aggregation']} | {c['learning_rate']:g} | {c['split']} | {c['seeds']} | "
-                  f"{_pct(c['eval_exact_match'])} | {_pct(c['eval_exact_match_short'])} | "
-                  f"{_pct(c['eval_exact_match_long'])} | {c['eval_loss'][0]:.4f} ± {c['eval_loss'][1]:.4f} |"
-                  for c in cells]
-    if effects:
+        extra = [m for m in ("eval_loss", "final_loss_per_token") if m in cells[0]]
+        lines += ["", "## Held-out metrics per cell (mean ± std over seeds)", "",
+                  "| aggregation | lr | split | seeds | " + " | ".join(names[n] for _, n in shown + ()) +
+                  "".join(f" | {m.replace('_', ' ')}" for m in extra) + " |",
+                  "| --- " * (4 + len(shown) + len(extra)) + "|"]
+        lines += [f"| {c['aggregation']} | {c['learning_rate']:g} | {c['split']} | {c['seeds']} | " +
+                  " | ".join(_pct(c[m]) for m, _ in shown) +
+                  "".join(f" | {c[m][0]:.4f} ± {c[m][1]:.4f}" for m in extra) + " |" for c in cells]
+    if effects and shown:
         lines += ["", "## Split effect: change of the held-out metric when only the split changes", "",
                   "Per seed, max - min over the splits (same init, same batches); mean ± std over seeds. "
                   "`seed std` is the spread between seeds at a fixed split, for scale.", "",
-                  "| aggregation | lr | all | short replies | long replies | seed std (all) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {e['aggregation']} | {e['learning_rate']:g} | {_pct(e['eval_exact_match'])} | "
-                  f"{_pct(e['eval_exact_match_short'])} | {_pct(e['eval_exact_match_long'])} | "
-                  f"{e['eval_exact_match_seed_std']:.1%} |" for e in effects]
+                  "| aggregation | lr | " + " | ".join(names[n] for _, n in shown) + " | seed std (exact match) |",
+                  "| --- " * (3 + len(shown)) + "|"]
+        lines += [f"| {e['aggregation']} | {e['learning_rate']:g} | " + " | ".join(_pct(e[m]) for m, _ in shown) +
+                  f" | {e[shown[0][0] + '_seed_std']:.1%} |" for e in effects]
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +132,8 @@ def plot(rows: list[dict], path: str) -> bool:
         splits = sorted({(c["devices"], c["accum_steps"], c["split"]) for c in mine})
         width = 0.8 / max(len(aggs), 1)
         for i, agg in enumerate(aggs):
-            points = {(c["devices"], c["accum_steps"]): c["eval_exact_match"] for c in mine if c["aggregation"] == agg}
+            points = {(c["devices"], c["accum_steps"]): c["eval_exact_match"] for c in mine
+                      if c["aggregation"] == agg and "eval_exact_match" in c}
             xs = [j + i * width for j, (d, a, _) in enumerate(splits) if (d, a) in points]
             vals = [points[(d, a)] for d, a, _ in splits if (d, a) in points]
             ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=3, label=agg,
@@ -134,10 +143,11 @@ def plot(rows: list[dict], path: str) -> bool:
         ax.set(title=f"held-out exact match, lr {lr:g} (mean ± std over seeds)", ylabel="exact match", ylim=(0, 1))
         ax.legend(fontsize=7)
     ax = axes[-1]
-    if effects:
+    shown = _present([r for r in rows if r["kind"] == "train"], METRICS)
+    if effects and shown:
         labels = [f"{e['aggregation']}\nlr {e['learning_rate']:g}" for e in effects]
-        width = 0.8 / len(METRICS)
-        for i, (metric, name) in enumerate(METRICS):
+        width = 0.8 / len(shown)
+        for i, (metric, name) in enumerate(shown):
             ax.bar([j + i * width for j in range(len(effects))], [e[metric][0] for e in effects], width,
                    yerr=[e[metric][1] for e in effects], capsize=3, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(effects))], labels, fontsize=7)
