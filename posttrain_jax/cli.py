@@ -12,7 +12,7 @@
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
-    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
+    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py] [--fast]   # Tülu 3 loss-aggregation grid
     posttrain-jax compile {sft,rm,dpo,grpo} --topology v5p-16 [--config FILE] [--per-chip-batch N] ...
                                                  # AOT-compile the train step for a TPU slice: bytes per chip
 
@@ -119,7 +119,8 @@ def _ablate(argv: list[str]) -> None:
         if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=8").strip()
-    _run_trainer("ablate", argv)
+    # --fast: the small grid CI runs (see ablation.apply_fast).
+    _run_trainer("ablate", ["--config.fast=True" if a == "--fast" else a for a in argv])
 
 
 def _compile(argv: list[str]) -> None:

@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
         sources=[],  # [{"path": ..., "weight": ..., "epochs": ...}, ...]
         epochs=1.0,  # multiplies every source's epochs (Tülu 3 SFT: 2)
         eval_path="",
+        extra_eval_paths={},  # {name: path}: more held-out sets, reported as eval/<name>/loss and .../exact_match
         seq_len=64,
         packing=True,
         train_on="assistant",  # or "all"
@@ -109,6 +110,14 @@ def make_eval_fn(graphdef, rules, mesh):
     return evaluate
 
 
+def _evaluate_all(eval_fn, eval_iter, extra: dict, params) -> dict[str, float]:
+    """The main held-out set's metrics plus `<name>/<metric>` for every extra set."""
+    metrics = eval_fn(params, eval_iter=eval_iter)
+    for name, iterator in extra.items():
+        metrics.update({f"{name}/{k}": v for k, v in eval_fn(params, eval_iter=iterator).items()})
+    return metrics
+
+
 def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     """Train (continuing from the latest checkpoint with `resume`); returns a summary."""
     if config.data.quickstart_task:
@@ -130,8 +139,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     evaluate = None
     if config.data.eval_path:
+        eval_fn = make_eval_fn(nnx.graphdef(model), rules, mesh)
         eval_iter, _ = make_eval_pipeline([SourceSpec(config.data.eval_path)], tokenizer, packing=False, **common)
-        evaluate = functools.partial(make_eval_fn(nnx.graphdef(model), rules, mesh), eval_iter=eval_iter)
+        extra = {name: make_eval_pipeline([SourceSpec(path)], tokenizer, packing=False, **common)[0]
+                 for name, path in dict(config.data.extra_eval_paths).items()}
+        evaluate = functools.partial(_evaluate_all, eval_fn, eval_iter, extra)
     evaluate = combine_evaluators(evaluate, make_generation_evaluator(
         config.generation_eval, chat_template=config.chat_template, seed=config.seed, graphdef=nnx.graphdef(model),
         model_config_=model.config, mesh=mesh, rules=rules, tokenizer=tokenizer))
