@@ -86,11 +86,6 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axis_names=N
     return P(*spec)
 
 
-def active_rules() -> Rules | None:
-    """The rules set by the innermost `logical_rules` block, or None outside one."""
-    return _ACTIVE_RULES.get()
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op without a mesh and rules."""
     rules = _ACTIVE_RULES.get()
