@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from posttrain_jax.models.attention import attention, attention_mask, xla_attention
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
+from posttrain_jax.models.embedding import embed_lookup
 from posttrain_jax.sharding import constrain
 
 
@@ -241,10 +242,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
-        # Gather from a table whose hidden dim is whole: a vocab-sharded gather is a
-        # masked lookup + all-reduce, which GSPMD partitions without replicating.
-        table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+        x = embed_lookup(self.embed[...], tokens, c.dtype)  # table and gradient stay sharded
         if c.embed_scale:  # Gemma rounds sqrt(hidden) to the compute dtype first
             x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
