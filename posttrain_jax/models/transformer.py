@@ -263,6 +263,14 @@ class Decoder(nnx.Module):
             cache = KVCache(tuple(keys), tuple(values), cache_segments, cache.end + tokens.shape[1])
         return self.final_norm(x), cache
 
+    def head_kernel(self) -> tuple[jax.Array, bool]:
+        """(LM head kernel in the compute dtype, True if it is the tied [vocab, hidden] embedding
+        rather than an untied [hidden, vocab] kernel), for `losses.logprobs.lm_head_logprobs`."""
+        c = self.config
+        if c.tie_embeddings:
+            return self.embed[...].astype(c.dtype), True
+        return self.lm_head[...].astype(c.dtype), False
+
     def head(self, hidden: jax.Array) -> jax.Array:
         """LM logits [batch, length, vocab] (or scalars [batch, length] for a scalar head)."""
         c = self.config
