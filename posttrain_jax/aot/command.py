@@ -39,7 +39,7 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
     from posttrain_jax.mesh import make_mesh
     from posttrain_jax.sharding import batch_sharding, logical_rules
     from posttrain_jax.train import make_grad_fn, make_train_step
-    from posttrain_jax.train.abstract import abstract_train_state
+    from posttrain_jax.train import abstract_train_state
     from posttrain_jax.trainers.runner import optimizer_from_config
 
     topology = parse_topology(topology_name)
