@@ -99,7 +99,8 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         flops = 0.0
     total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
     report = {
-        "trainer": trainer, "part": "loss_head" if loss_head_only else "step", "topology": topology.name, "libtpu_topology": topology.libtpu_name,
+        "trainer": trainer, "part": "loss_head" if loss_head_only else "step", "topology": topology.name,
+        "libtpu_topology": topology.libtpu_name,
         "chips": topology.chips, "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "model": config.model.hf_path or config.model.checkpoint or config.model.preset,
         "num_layers": plan.model.num_layers, "dtype": plan.model.dtype, "param_dtype": plan.model.param_dtype,
