@@ -44,7 +44,9 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
 
     topology = parse_topology(topology_name)
     devices = compile_devices(topology)
-    mesh = make_mesh(dict(config.mesh), devices=devices)
+    shape = dict(config.mesh)
+    num_devices = int(shape.pop("num_devices", 0) or 0)  # a mesh over the slice's first devices only
+    mesh = make_mesh(shape, devices=devices[:num_devices] if num_devices else devices)
     rules = _rules(config)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     plan = PLANS[trainer](config, shards, per_chip_batch)
