@@ -76,7 +76,9 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         arguments = (state, batch)
     started = time.perf_counter()
     compiled = error = None
-    with jax.set_mesh(mesh), logical_rules(rules):
+    # The abstract mesh, not jax.set_mesh: trace-time constants (ensure_compile_time_eval, e.g. the splash
+    # kernel's block tables) are computed eagerly, which compile-only devices cannot do.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), logical_rules(rules):
         lowered = jitted.lower(*arguments)
         lowered_at = time.perf_counter()
         try:
