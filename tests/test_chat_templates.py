@@ -343,7 +343,8 @@ def test_auto_prefers_jinja_file_then_config_then_model_type(tmp_path, tokenizer
     inferred = _model_dir(tmp_path / "inferred", tokenizer_json, None, model_type="qwen3")
     tok = load_tokenizer(inferred)
     assert resolve_template(tok).name == "qwen3"
-    assert render_chat(tok, CONVERSATION[:2]).text.endswith("<think>\n\n</think>\n\nThe cat sat on the mat.<|im_end|>\n")
+    text = render_chat(tok, CONVERSATION[:2]).text
+    assert text.endswith("<think>\n\n</think>\n\nThe cat sat on the mat.<|im_end|>\n")
     bare = _model_dir(tmp_path / "bare", tokenizer_json, None)
     with pytest.raises(ValueError, match=r"no chat template of its own .* pass --chat-template"):
         render_chat(load_tokenizer(bare), CONVERSATION[:2])
