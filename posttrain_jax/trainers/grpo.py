@@ -311,6 +311,7 @@ def _make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
         share = batch // count
         first = jax.process_index() * share
         # (the sampler sets its mesh itself; a reward model runs on its own)
+        bar = progress_bar(len(prompts), desc="eval", unit="prompt", leave=False)
         for begin in range(0, len(prompts), batch):
             chunk = prompts[begin:begin + batch]
             real = len(chunk)
@@ -325,6 +326,8 @@ def _make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
                 if verifiable:
                     sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
                 sums[2 * i + 1] += float((out.rewards.total * valid).sum())
+            bar.update(real)
+        bar.close()
         sums = _global(sums[None]).sum(axis=0) / len(prompts)
         result = {"prompts": float(len(prompts))}
         for i, name in enumerate(modes):
