@@ -12,7 +12,9 @@
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
-    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
+    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py] [--fast]   # Tülu 3 loss-aggregation grid
+    posttrain-jax compile {sft,rm,dpo,grpo} --topology v5p-16 [--config FILE] [--per-chip-batch N] ...
+                                                 # AOT-compile the train step for a TPU slice: bytes per chip
 
 Without --config a trainer runs its embedded default (the CPU quickstart).
 """
@@ -97,7 +99,8 @@ def _score(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--input", required=True, help='JSONL rows {"prompt": ..., "response": ...}')
     parser.add_argument("--output", required=True, help="the rows with a 'reward' field added")
-    parser.add_argument("--chat-template", default="chatml")
+    parser.add_argument("--chat-template", default="auto",
+                        help="auto (the tokenizer's own template), a built-in name, or a .jinja file")
     args = parser.parse_args(argv)
     score_main(args.checkpoint, args.tokenizer, args.input, args.output, args.chat_template)
     print(f"wrote rewards to {args.output}")
@@ -116,7 +119,13 @@ def _ablate(argv: list[str]) -> None:
         if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=8").strip()
-    _run_trainer("ablate", argv)
+    # --fast: the small grid CI runs (see ablation.apply_fast).
+    _run_trainer("ablate", ["--config.fast=True" if a == "--fast" else a for a in argv])
+
+
+def _compile(argv: list[str]) -> None:
+    from posttrain_jax.aot.command import main as compile_main
+    compile_main(argv)
 
 
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
@@ -124,7 +133,8 @@ COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _r
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
             "eval": lambda argv: _run_trainer("eval", argv), "distill": lambda argv: _run_trainer("distill", argv),
             "pipeline": lambda argv: _run_trainer("pipeline", argv),
-            "score": _score, "average": _average, "export": _export, "ablate": _ablate}
+            "score": _score, "average": _average, "export": _export, "ablate": _ablate,
+            "compile": _compile}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,3 +48,19 @@ def test_decode_benchmark_smoke(tmp_path):
     assert summary["roofline_fp32"]["tokens_per_s_all_weights"] > 0 and "loadavg_start" in summary
     # Same weights and prompts on both sides: fp32 greedy tokens agree.
     assert summary["greedy_agreement"]["jax-fp32 vs torch-fp32"]["rows_identical"] == 2
+
+
+def test_aot_table_smoke(tmp_path):
+    """One tiny row of the AOT table (libtpu's compiler, compile-only devices)."""
+    import pytest
+    pytest.importorskip("libtpu", reason="needs the tpu-compile extra (libtpu)")
+    out = tmp_path / "aot.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_table.py"), "--quick", "--rows",
+                             "tiny-v5e4-head", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in row, row
+    assert row["part"] == "loss_head" and row["topology"] == "v5e-4"
+    assert row["argument_bytes"] > 0 and row["temp_bytes"] < 2**30
+    assert "| tiny-v5e4-head | v5e-4 | 256 x 2 |" in result.stdout
