@@ -4,6 +4,7 @@
     posttrain-jax rm  [--config FILE] ...        reward model (Bradley-Terry)
     posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
     posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
+    posttrain-jax rl --config.rl.algorithm=ppo|grpo|rloo|reinforce_pp|gspo ...   RL from swappable pieces
     posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
     posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
@@ -23,6 +24,7 @@ import sys
 
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
             "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
+            "rl": "posttrain_jax.trainers.rl",
             "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation"}
 
 
@@ -116,6 +118,7 @@ def _ablate(argv: list[str]) -> None:
 
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
+            "rl": lambda argv: _run_trainer("rl", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
             "score": _score, "average": _average, "export": _export, "ablate": _ablate}
 
