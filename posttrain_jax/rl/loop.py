@@ -133,7 +133,13 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
             batch_shardings={k: rows_sharding[k] for k in CRITIC_KEYS})
     score_fn = jax.jit(make_score_rollout(s, graphdef, critic_graphdef, temperature=sc.temperature,
                                           data_shards=shards))
-    split_fn = jax.jit(lambda b: split_microbatches(b, s.num_minibatches, shards))
+    update_keys = sorted(set(policy_keys(s) + (CRITIC_KEYS if s.uses_critic else [])))
+
+    def split(batch):  # minibatches as separate global arrays: eager indexing of a multi-process array fails
+        parts = split_microbatches({k: batch[k] for k in update_keys}, s.num_minibatches, shards)
+        return [{k: v[i] for k, v in parts.items()} for i in range(s.num_minibatches)]
+
+    split_fn = jax.jit(split, out_shardings=[{k: rows_sharding[k] for k in update_keys}] * s.num_minibatches)
     sampler = Sampler(graphdef, model.config, mesh=mesh, rules=rules)
     del model  # the train state holds the params from here on
     evaluate = make_evaluate(config, sampler, tokenizer, rewards, pad) if d.eval_path else None
@@ -186,8 +192,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
             host = rollout_batch(rollout, pad, missing_eos_penalty=s.missing_eos_penalty)
             batch = shard_batch(host, mesh, rules)
             scored, stats = score_fn(state.params, reference, critic_state.params if critic_state else None, batch)
-            split = split_fn({k: scored[k] for k in set(policy_keys(s) + (CRITIC_KEYS if critic_fn else []))})
-            minibatches = [jax.tree.map(lambda x, i=i: x[i], split) for i in range(s.num_minibatches)]
+            minibatches = split_fn(scored)
             policy_metrics, critic_metrics = [], []
             for _ in range(s.num_epochs):
                 for mb in minibatches:

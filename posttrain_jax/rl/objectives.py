@@ -95,16 +95,17 @@ def make_score_rollout(s: RLSettings, policy_graphdef: nnx.GraphDef, critic_grap
             token_rewards = token_rewards - s.kl_in_reward * kl
             stats["reward_kl"] = adv.masked_mean(kl, mask)
         sample_mask = batch["sample_mask"].astype(jnp.float32)
+        # The outcome estimators see one reward per completion: the score minus its summed KL penalty, if any.
+        sequence_rewards = jnp.sum(token_rewards * mask, axis=1) if s.kl_in_reward else scores
         if s.advantage == "group":
-            group = adv.group_advantages(scores, s.group_size, scale=s.advantage_scale, std_ddof=s.std_ddof,
-                                         eps=s.advantage_eps)
+            group = adv.group_advantages(sequence_rewards, s.group_size, scale=s.advantage_scale,
+                                         std_ddof=s.std_ddof, eps=s.advantage_eps)
             per_row = group.advantages
             stats["zero_std_fraction"] = jnp.mean(group.zero_std.astype(jnp.float32))
             if s.filter_zero_std:
                 sample_mask = sample_mask * (1.0 - group.zero_std.astype(jnp.float32))
             advantages = per_row[:, None] * mask
         elif s.advantage == "rloo":
-            sequence_rewards = jnp.sum(token_rewards * mask, axis=1)
             per_row = adv.rloo_advantages(sequence_rewards, s.group_size, normalize=s.normalize_advantages)
             advantages = per_row[:, None] * mask
         elif s.advantage == "reinforce_pp":
