@@ -31,10 +31,16 @@ def _scaled_head(model, temperature: float):
     return lambda h: model.head(h).astype(jnp.float32) / temperature
 
 
+def completion_logps(model, hidden, targets, *, temperature: float, chunk_size: int | None) -> jax.Array:
+    """log p(targets) [rows, length] float32 from final hidden states: the one call of the LM-head log-prob
+    kernel in RL (a fused, chunked kernel swaps in here)."""
+    return token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, targets, chunk_size)
+
+
 def sequence_token_logps(model, batch, *, temperature: float = 1.0, chunk_size: int | None = None) -> jax.Array:
     """log p(targets) [rows, length] float32 under `model` (no gradient needed: old policy, reference)."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, batch["targets"], chunk_size)
+    return completion_logps(model, hidden, batch["targets"], temperature=temperature, chunk_size=chunk_size)
 
 
 def token_values(model, batch) -> jax.Array:
@@ -138,8 +144,8 @@ def make_policy_objective(s: RLSettings, *, temperature: float):
         hidden, _ = model.hidden_states(mb["tokens"], mb["positions"], mb["segment_ids"])
         extra = {}
         if chunk:
-            logps = token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, mb["targets"], chunk)
-        else:
+            logps = completion_logps(model, hidden, mb["targets"], temperature=temperature, chunk_size=chunk)
+        else:  # whole logits: the entropy comes for free
             logits = _scaled_head(model, temperature)(hidden)
             logps = token_logprobs(logits, mb["targets"])
             extra["entropy"] = token_entropy(jax.lax.stop_gradient(logits))
