@@ -23,6 +23,7 @@ from posttrain_jax.rl import value_loss as vl
 RTOL = 1e-6  # float32; never loosened to make a test pass
 GOLDENS = Path(__file__).parent.parent / "losses" / "goldens" / "rl.json"
 REAL = types.SimpleNamespace(adv=adv, kl=kl_mod, pl=pl, vl=vl)
+ERRORS: list[float] = []  # every `close` of the running check (printed: the conformance errors)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def close(ours, theirs, what, *, scale=None):
     assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
     scale = max(float(np.max(np.abs(theirs))), 1e-30) if scale is None else scale
     err = float(np.max(np.abs(ours - theirs))) / scale
+    ERRORS.append(err)
     assert err <= RTOL, f"{what}: error {err:.2e} relative to {scale:.3g}"
     return err
 
@@ -192,7 +194,9 @@ CHECKS = [check_kl, check_gae, check_reinforce_pp, check_rloo, check_tis, check_
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
 def test_matches_references(check, goldens):
+    ERRORS.clear()
     check(REAL, goldens)
+    print(f"{check.__name__.removeprefix('check_')}: {len(ERRORS)} comparisons, max error {max(ERRORS):.1e}")
 
 
 def test_float64_references_agree(goldens):
