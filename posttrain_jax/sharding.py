@@ -34,6 +34,8 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("act_embed", None),
     ("cache_length", None),
+    # The stacking axis of scanned layers: every device holds its shard of every layer.
+    ("layers", None),
 )
 
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_rules", default=None)
@@ -60,6 +62,11 @@ def logical_rules(rules: Rules):
         yield
     finally:
         _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> Rules | None:
+    """The rules set by the innermost `logical_rules` block, or None outside one."""
+    return _ACTIVE_RULES.get()
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axis_names=None) -> P:

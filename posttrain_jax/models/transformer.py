@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from posttrain_jax.models.attention import attention, attention_mask, xla_attention
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
+from posttrain_jax.models.embedding import embed_lookup
+from posttrain_jax.models.stacking import layer_groups, stack_modules
 from posttrain_jax.sharding import constrain
-
-# A finite mask value keeps fully masked rows (padding queries) free of NaNs.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -85,35 +85,24 @@ class RMSNorm(nnx.Module):
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys/values for every layer plus the segment id of every slot.
+    """Preallocated keys/values of every layer, stacked, plus the segment id of every slot.
 
     `end` is the number of slots written so far (shared by the batch: prompts are
     padded to one length, padding slots carry segment id 0 and are never attended).
+    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not).
     """
 
-    keys: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    values: jax.Array
     segment_ids: jax.Array  # [batch, max_len]
     end: jax.Array  # int32 scalar
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
-        return cls(keys=tuple(zeros() for _ in range(config.num_layers)),
-                   values=tuple(zeros() for _ in range(config.num_layers)),
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
-
-
-def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None) -> jax.Array:
-    """[batch, q_len, k_len] bool: causal, same segment, key not padding, inside the window."""
-    mask = (k_slots[None, None, :] <= q_slots[None, :, None])
-    mask &= q_segments[:, :, None] == k_segments[:, None, :]
-    mask &= (k_segments != 0)[:, None, :]
-    if window is not None:
-        mask &= (q_slots[:, None] - k_slots[None, :] < window)[None]
-    return mask
 
 
 class Attention(nnx.Module):
@@ -162,27 +151,25 @@ class Attention(nnx.Module):
             cache_kv = (k, v)
             q_slots = q_slots + start
             k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
-        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
-        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), mask)
+        # A whole row goes to the configured kernel (segment ids, no dense mask), and so does a
+        # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
+        # keys are this chunk's); a few queries against a longer cache keep the dense mask.
+        whole_row = cache_kv is None or k.shape[1] == length
+        mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c.dtype))
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)
         return out, cache_kv
 
-    def _attend(self, q, k, v, mask):
-        """Grouped-query attention; scores and softmax in float32."""
+    def _attend(self, q, k, v, segment_ids, mask=None):
+        """Grouped-query attention (posttrain_jax.models.attention); softmax in float32."""
         c = self.config
-        b, t, h, d = q.shape
-        groups = h // c.num_kv_heads
-        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
-        q = q.reshape(b, t, c.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        if c.attn_logit_softcap is not None:
-            scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return out.reshape(b, t, h, d)
+        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
+        if mask is not None:
+            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
+        return attention(q, k, v, segment_ids, implementation=c.attention, scale=scale,
+                         softcap=c.attn_logit_softcap, window=self.window, block=c.attention_block)
 
 
 class MLP(nnx.Module):
@@ -227,11 +214,43 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed")), cache_kv
 
 
-def _run_block(block: Block, x, positions, segment_ids, cache_kv, cache_segments, start):
-    return block(x, positions, segment_ids, cache_kv, cache_segments, start)
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name (see `config.REMAT_POLICIES`)."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots":
+        return policies.checkpoint_dots
+    if name == "dots_no_batch":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat {name!r} has no checkpoint policy (one of full, dots, dots_no_batch, offload)")
 
 
-_run_block_remat = nnx.remat(_run_block)
+def _layer_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
+    """Pure (block state, x, ..., layer kv) -> (x, layer kv) for one block, rematerialised per `remat`."""
+
+    def run(state, x, positions, segment_ids, kv, cache_segments, start):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids, kv, cache_segments, start)
+
+    if remat == "none":
+        return run
+    # Inside a scan the loop already keeps XLA from merging forward and recomputed ops.
+    return jax.checkpoint(run, policy=remat_policy(remat), prevent_cse=not in_scan)
+
+
+def _layer_kv(cache_kv, layer):
+    """Layer `layer`'s (keys, values) of the stacked cache (`layer` may be traced)."""
+    if cache_kv is None:
+        return None
+    return tuple(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache_kv)
+
+
+def _put_layer_kv(cache_kv, layer_kv, layer):
+    if cache_kv is None:
+        return None
+    return tuple(jax.lax.dynamic_update_index_in_dim(c, u, layer, 0) for c, u in zip(cache_kv, layer_kv))
 
 
 class Decoder(nnx.Module):
@@ -241,7 +260,14 @@ class Decoder(nnx.Module):
         c, pd = config, config.param_dtype
         self.config = c
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
-        self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        # Created in layer order whatever the layout, so one seed gives the same weights scanned or not.
+        blocks = [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
+        if c.scan_layers:  # layout: see models/stacking.py
+            period, groups = layer_groups(c)
+            self.layers = nnx.List([stack_modules(blocks[j:period * groups:period]) for j in range(period)])
+            self.tail = nnx.List(blocks[period * groups:])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(c.hidden_size, c, rngs=rngs)
         if c.head == "scalar":
             self.score = _param(rngs, (c.hidden_size, 1), ("embed", None), pd)
@@ -255,10 +281,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
-        # Gather from a table whose hidden dim is whole: a vocab-sharded gather is a
-        # masked lookup + all-reduce, which GSPMD partitions without replicating.
-        table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+        x = embed_lookup(self.embed[...], tokens, c.dtype)  # table and gradient stay sharded
         if c.embed_scale:  # Gemma rounds sqrt(hidden) to the compute dtype first
             x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
@@ -267,17 +290,51 @@ class Decoder(nnx.Module):
             start = cache.end
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                           (0, start))
-        run = _run_block_remat if c.remat else _run_block
-        keys, values = [], []
-        for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = run(block, x, positions, segment_ids, kv, cache_segments, start)
-            if cache is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
+        kv = None if cache is None else (cache.keys, cache.values)
+        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start)
         if cache is not None:
-            cache = KVCache(tuple(keys), tuple(values), cache_segments, cache.end + tokens.shape[1])
+            cache = KVCache(kv[0], kv[1], cache_segments, cache.end + tokens.shape[1])
         return self.final_norm(x), cache
+
+    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start):
+        """All blocks over x [batch, length, hidden]; cache_kv is None or the stacked (keys, values)."""
+        c = self.config
+        remat = c.remat if cache_kv is None else "none"  # a cache means inference: nothing to save
+        args = (positions, segment_ids)
+        if not c.scan_layers:
+            for i, block in enumerate(self.blocks):
+                graphdef, state = nnx.split(block)
+                x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, i),
+                                                          cache_segments, start)
+                cache_kv = _put_layer_kv(cache_kv, kv, i)
+            return x, cache_kv
+        period, groups = layer_groups(c)
+        graphdefs, states = zip(*(nnx.split(stack) for stack in self.layers))
+        layer_fns = [_layer_fn(graphdef, remat, True) for graphdef in graphdefs]
+
+        def group(carry, group_states):
+            x, cache_kv, first = carry
+            for j, (fn, state) in enumerate(zip(layer_fns, group_states)):
+                x, kv = fn(state, x, *args, _layer_kv(cache_kv, first + j), cache_segments, start)
+                cache_kv = _put_layer_kv(cache_kv, kv, first + j)
+            return (x, cache_kv, first + period), None
+
+        (x, cache_kv, _), _ = jax.lax.scan(group, (x, cache_kv, jnp.zeros((), jnp.int32)), states)
+        for k, block in enumerate(self.tail):
+            graphdef, state = nnx.split(block)
+            layer = period * groups + k
+            x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, layer),
+                                                      cache_segments, start)
+            cache_kv = _put_layer_kv(cache_kv, kv, layer)
+        return x, cache_kv
+
+    def head_kernel(self) -> tuple[jax.Array, bool]:
+        """(LM head kernel in the compute dtype, True if it is the tied [vocab, hidden] embedding
+        rather than an untied [hidden, vocab] kernel), for `losses.logprobs.lm_head_logprobs`."""
+        c = self.config
+        if c.tie_embeddings:
+            return self.embed[...].astype(c.dtype), True
+        return self.lm_head[...].astype(c.dtype), False
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """LM logits [batch, length, vocab] (or scalars [batch, length] for a scalar head)."""

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from posttrain_jax.losses.grpo import grpo_denominator, grpo_metric_sums, grpo_token_weights, token_entropy
-from posttrain_jax.losses.logprobs import token_logprobs, token_logprobs_from_hidden
+from posttrain_jax.losses.grpo import grpo_denominator, grpo_metric_sums, grpo_token_weights
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.rl import advantages as adv
 from posttrain_jax.rl.kl import behaviour_gap, kl_estimate
 from posttrain_jax.rl.policy_loss import masked, sequence_policy_loss, token_policy_loss, truncated_is_weights
@@ -27,20 +27,18 @@ from posttrain_jax.rl.value_loss import clipped_value_loss, explained_variance
 from posttrain_jax.train.step import split_microbatches
 
 
-def _scaled_head(model, temperature: float):
-    return lambda h: model.head(h).astype(jnp.float32) / temperature
-
-
-def completion_logps(model, hidden, targets, *, temperature: float, chunk_size: int | None) -> jax.Array:
-    """log p(targets) [rows, length] float32 from final hidden states: the one call of the LM-head log-prob
-    kernel in RL (a fused, chunked kernel swaps in here)."""
-    return token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, targets, chunk_size)
+def completion_logps(model, hidden, targets, *, temperature: float, chunk_size: int | None,
+                     with_entropy: bool = False):
+    """log p(targets) [rows, length] float32 (and the entropy) from final hidden states, through the fused,
+    chunked LM-head kernel (`losses.logprobs.lm_head_logprobs`): the one call of it in RL."""
+    return lm_head_logprobs(model, hidden, targets, temperature=temperature, chunk_size=chunk_size,
+                            with_entropy=with_entropy)
 
 
 def sequence_token_logps(model, batch, *, temperature: float = 1.0, chunk_size: int | None = None) -> jax.Array:
     """log p(targets) [rows, length] float32 under `model` (no gradient needed: old policy, reference)."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return completion_logps(model, hidden, batch["targets"], temperature=temperature, chunk_size=chunk_size)
+    return completion_logps(model, hidden, batch["targets"], temperature=temperature, chunk_size=chunk_size).logps
 
 
 def token_values(model, batch) -> jax.Array:
@@ -136,19 +134,16 @@ def make_policy_objective(s: RLSettings, *, temperature: float):
 
     The behaviour-gap sums (`rollout_logp_abs_diff`, `rollout_kl`) compare the pre-update log-probs
     (the `old_logps`, or this forward's own at the first and only update) with the sampler's.
-    Entropy is reported when logits are materialised whole (no loss_chunk_size).
+    Log-probs and the (gradient-free) entropy come from the fused LM head; loss_chunk_size 0 lets
+    it pick the chunk.
     """
     chunk = s.loss_chunk_size or None
 
     def objective(model, mb, context=None):
         hidden, _ = model.hidden_states(mb["tokens"], mb["positions"], mb["segment_ids"])
-        extra = {}
-        if chunk:
-            logps = completion_logps(model, hidden, mb["targets"], temperature=temperature, chunk_size=chunk)
-        else:  # whole logits: the entropy comes for free
-            logits = _scaled_head(model, temperature)(hidden)
-            logps = token_logprobs(logits, mb["targets"])
-            extra["entropy"] = token_entropy(jax.lax.stop_gradient(logits))
+        out = completion_logps(model, hidden, mb["targets"], temperature=temperature, chunk_size=chunk,
+                               with_entropy=True)
+        logps, extra = out.logps, {"entropy": jax.lax.stop_gradient(out.entropy)}
         mask = mb["loss_mask"].astype(jnp.float32)
         old = mb.get("old_logps")
         pre_update = jax.lax.stop_gradient(logps) if old is None else old
