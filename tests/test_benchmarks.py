@@ -56,6 +56,19 @@ def test_decode_benchmark_smoke(tmp_path):
     assert summary["greedy_agreement"]["jax-fp32 vs torch-fp32"]["rows_identical"] == 2
 
 
+def test_rl_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "rl.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rl_step.py"), "--quick", "--preset", "tiny-llama", "--prompts",
+         "2", "--group", "2", "--new-tokens", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["grpo", "grpo-offpolicy", "ppo"]
+    for r in rows:
+        assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and 0 < r["generate_share"] < 1
+
+
 def test_aot_table_smoke(tmp_path):
     """One tiny row of the AOT table (libtpu's compiler, compile-only devices)."""
     import pytest
