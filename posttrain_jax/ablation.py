@@ -143,6 +143,7 @@ def write_task(config: ml_collections.ConfigDict) -> dict[str, str] | None:
              "tokenizer": os.path.join(directory, "tokenizer.model")}
     paths.update({f"eval_{s}": os.path.join(directory, f"eval_{s}.jsonl") for s in synthetic.LENGTH_STYLES})
     if all(os.path.exists(p) for p in paths.values()):
+        synthetic.ensure_chat_template(paths["tokenizer"])  # data written before tokenizers carried one
         return paths
     synthetic.write_length_mix_jsonl(paths["train"], t.num_train, seed=seed, max_operand=t.max_operand,
                                      long_fraction=t.long_fraction)
