@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from posttrain_jax.data import synthetic
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for
 
@@ -61,6 +62,7 @@ def make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
         share = batch // count
         first = jax.process_index() * share
         # (the sampler sets its mesh itself; a reward model runs on its own)
+        bar = progress_bar(len(prompts), desc="eval", unit="prompt", leave=False)
         for begin in range(0, len(prompts), batch):
             chunk = prompts[begin:begin + batch]
             real = len(chunk)
@@ -75,6 +77,8 @@ def make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
                 if verifiable:
                     sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
                 sums[2 * i + 1] += float((out.rewards.total * valid).sum())
+            bar.update(real)
+        bar.close()
         sums = global_rows(sums[None]).sum(axis=0) / len(prompts)
         result = {"prompts": float(len(prompts))}
         for i, name in enumerate(modes):
