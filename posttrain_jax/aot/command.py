@@ -39,12 +39,14 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
     from posttrain_jax.mesh import make_mesh
     from posttrain_jax.sharding import batch_sharding, logical_rules
     from posttrain_jax.train import make_grad_fn, make_train_step
-    from posttrain_jax.train.abstract import abstract_train_state
+    from posttrain_jax.train import abstract_train_state
     from posttrain_jax.trainers.runner import optimizer_from_config
 
     topology = parse_topology(topology_name)
     devices = compile_devices(topology)
-    mesh = make_mesh(dict(config.mesh), devices=devices)
+    shape = dict(config.mesh)
+    num_devices = int(shape.pop("num_devices", 0) or 0)  # a mesh over the slice's first devices only
+    mesh = make_mesh(shape, devices=devices[:num_devices] if num_devices else devices)
     rules = _rules(config)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     plan = PLANS[trainer](config, shards, per_chip_batch)
@@ -74,7 +76,9 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         arguments = (state, batch)
     started = time.perf_counter()
     compiled = error = None
-    with jax.set_mesh(mesh), logical_rules(rules):
+    # The abstract mesh, not jax.set_mesh: trace-time constants (ensure_compile_time_eval, e.g. the splash
+    # kernel's block tables) are computed eagerly, which compile-only devices cannot do.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), logical_rules(rules):
         lowered = jitted.lower(*arguments)
         lowered_at = time.perf_counter()
         try:
@@ -99,7 +103,8 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         flops = 0.0
     total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
     report = {
-        "trainer": trainer, "part": "loss_head" if loss_head_only else "step", "topology": topology.name, "libtpu_topology": topology.libtpu_name,
+        "trainer": trainer, "part": "loss_head" if loss_head_only else "step", "topology": topology.name,
+        "libtpu_topology": topology.libtpu_name,
         "chips": topology.chips, "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "model": config.model.hf_path or config.model.checkpoint or config.model.preset,
         "num_layers": plan.model.num_layers, "dtype": plan.model.dtype, "param_dtype": plan.model.param_dtype,

@@ -39,7 +39,11 @@ class StepPlan:
 
 def model_config(cfg: ml_collections.ConfigDict, *, head: str) -> ModelConfig:
     """The `model` section's architecture and numerics, read without loading any weights."""
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, head=head)
+    # Every other key of the section (dtype, param_dtype, remat, attention, ...) is a ModelConfig field,
+    # applied as build_model applies it.
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    numerics = {k: cfg[k] for k in cfg.keys() if k in fields and k not in ("preset", "hf_path", "checkpoint")}
+    numerics["head"] = head
     if cfg.hf_path:
         from posttrain_jax.models.hf_config import from_hf_config
         path = os.path.join(cfg.hf_path, "config.json")

@@ -101,12 +101,12 @@ def prepare_environment() -> None:
 
 def compile_devices(topology: Topology):
     """The slice's devices, compile-only (they run nothing); needs libtpu (`pip install posttrain_jax[tpu-compile]`)."""
+    import importlib.util
+
     from jax.experimental import topologies
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as error:
+    if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError("compiling for a TPU topology needs libtpu: pip install 'posttrain_jax[tpu-compile]' "
-                           "(jax[tpu] at the installed jax version)") from error
+                           "(jax[tpu] at the installed jax version)")
     per_host = (2, 2, 1) if topology.chips >= 4 else ((2, 1, 1) if topology.chips == 2 else (1, 1, 1))
     desc = topologies.get_topology_desc(
         platform="tpu", topology_name=topology.libtpu_name,

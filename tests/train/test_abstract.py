@@ -7,7 +7,7 @@ from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import create_model, preset
 from posttrain_jax.sharding import DEFAULT_RULES
 from posttrain_jax.train import init_train_state, make_optimizer
-from posttrain_jax.train.abstract import abstract_train_state
+from posttrain_jax.train import abstract_train_state
 
 
 @pytest.mark.parametrize("name,shape,ema", [("tiny-llama", {"data": 2, "fsdp": 2, "tensor": 2}, True),
