@@ -34,13 +34,17 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0, ema: bool = False,
-                     mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
-    """Split the model and build the optimizer state next to each (sharded) parameter.
+                     mesh: jax.sharding.Mesh | None = None, trainable=nnx.Param) -> tuple[nnx.GraphDef, TrainState]:
+    """Split the model and build the optimizer state next to each (sharded) trainable parameter.
 
+    `trainable` filters what is trained (default: every Param); with LoRA it is the
+    adapters (`posttrain_jax.models.lora.trainable_filter`), and the rest is the frozen
+    state (`frozen_state`) passed to the step as an argument, never held in the run state,
+    its optimizer moments or its checkpoints.
     With a mesh, scalars (step, RNG) are replicated on it so the whole state
     lives on the mesh the step is compiled for.
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, _ = nnx.split(model, trainable, ...)
     # Eager init: zeros_like keeps each parameter's sharding for its moments (under
     # jit they would land on one device).
     opt_state = tx.init(params)
@@ -58,6 +62,12 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
 
         state = jax.tree.map(on_mesh, state)
     return graphdef, state
+
+
+def frozen_state(model: nnx.Module, trainable=nnx.Param) -> nnx.State | None:
+    """Everything `init_train_state(..., trainable=...)` does not train; None when that is nothing."""
+    _, _, rest = nnx.split(model, trainable, ...)
+    return rest if jax.tree.leaves(rest) else None
 
 
 def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shards: int) -> dict[str, jax.Array]:
@@ -80,16 +90,20 @@ def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shard
 
 def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
                  denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1):
-    """`grads(params, batch) -> (grads, metrics)` for a whole global batch, divided once."""
+    """`grads(params, batch, frozen=None) -> (grads, metrics)` for a whole global batch, divided once.
 
-    def grads_fn(params, batch):
+    `frozen` (LoRA: the base weights) joins the params in the model; no gradient flows to it.
+    """
+
+    def grads_fn(params, batch, frozen=None):
+        extra = () if frozen is None else (frozen,)
         context = denominator(batch)
         context = dict(context) if isinstance(context, dict) else {"denominator": context}
         denom = context["denominator"]
 
         def micro_grads(params, micro):
             def loss(p):
-                return objective(nnx.merge(graphdef, p), micro, context)
+                return objective(nnx.merge(graphdef, p, *extra), micro, context)
             return jax.value_and_grad(loss, has_aux=True)(params)
 
         micro = split_microbatches(batch, accum_steps, data_shards)
@@ -121,8 +135,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
     grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grads, metrics = grads_fn(state.params, batch)
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
+        grads, metrics = grads_fn(state.params, batch, frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -138,8 +152,34 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, batch_sharding):
-    """Compile with the state's own shardings in and out, donating the old state."""
+def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None):
+    """Compile with the state's own shardings in and out, donating the old state.
+
+    With `frozen` (LoRA's base weights) the result is `step(state, batch)` calling the
+    jitted `train_step(state, batch, frozen)`: the frozen arrays are an argument in their
+    own shardings (never closed over, never donated, never copied).
+    """
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    if frozen is None:
+        return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, jax.tree.map(lambda x: x.sharding,
+                                                                                            frozen)),
+                     out_shardings=(state_sharding, None), donate_argnums=0)
+    return WithFrozen(jitted, frozen)
+
+
+class WithFrozen:
+    """`fn(state, batch)` for a jitted `fn(state, batch, frozen)`; `_cache_size()` counts its compilations."""
+
+    def __init__(self, jitted, frozen):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.frozen)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.frozen)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
