@@ -243,9 +243,37 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, mesh: Mesh | None = None, 
     return model
 
 
-def has_adapters(model_or_state) -> bool:
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    return bool(jax.tree.leaves(state.filter(nnx.LoRAParam)))
+class DropoutKey(nnx.Variable):
+    """Raw PRNG key data for LoRA dropout, set on a model merged inside a train step (never saved)."""
+
+
+def set_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
+    """Give every adapted module with dropout its own key (one per layer when layers are stacked).
+
+    key: a typed PRNG key. Without a key (evaluation, sampling, references) adapters run without dropout.
+    """
+    for prefix, module, names in _projection_modules(model):
+        if module.__dict__.get("lora_dropout", 0.0) <= 0:
+            continue
+        adapted = [getattr(module, n + "_lora_a") for n in names if hasattr(module, n + "_lora_a")]
+        if not adapted:
+            continue
+        name = next(n for n in names if hasattr(module, n + "_lora_a"))
+        stacked = adapted[0].ndim - 1 - PROJECTIONS[name][0]
+        module_key = jax.random.fold_in(key, zlib.crc32(prefix.encode()))
+        if stacked:
+            module_key = jax.random.split(module_key, adapted[0].shape[:stacked])
+        module.lora_dropout_key = DropoutKey(jax.random.key_data(module_key))
+
+
+def dropout_rate(model: nnx.Module) -> float:
+    """The largest LoRA dropout rate of the model (0 without adapters or dropout)."""
+    return max((module.__dict__.get("lora_dropout", 0.0) for _, module, _ in _projection_modules(model)),
+               default=0.0)
+
+
+def has_adapters(model: nnx.Module) -> bool:
+    return bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
 def trainable_filter(head: str = "lm"):

@@ -21,6 +21,7 @@ import optax
 from flax import nnx, struct
 
 from posttrain_jax.checkpointing.averaging import ema_update
+from posttrain_jax.models.lora import set_dropout_keys
 from posttrain_jax.sharding import constrain
 
 
@@ -89,39 +90,47 @@ def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shard
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
-                 denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1):
+                 denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
+                 dropout: bool = False):
     """`grads(params, batch, frozen=None) -> (grads, metrics)` for a whole global batch, divided once.
 
     `frozen` (LoRA: the base weights) joins the params in the model; no gradient flows to it.
+    With `dropout` (LoRA dropout), `rng` (a typed key) gives each micro-batch its own masks.
     """
 
-    def grads_fn(params, batch, frozen=None):
+    def grads_fn(params, batch, frozen=None, rng=None):
         extra = () if frozen is None else (frozen,)
         context = denominator(batch)
         context = dict(context) if isinstance(context, dict) else {"denominator": context}
         denom = context["denominator"]
 
-        def micro_grads(params, micro):
+        def micro_grads(params, micro, key=None):
             def loss(p):
-                return objective(nnx.merge(graphdef, p, *extra), micro, context)
+                model = nnx.merge(graphdef, p, *extra)
+                if dropout and key is not None:
+                    set_dropout_keys(model, key)
+                return objective(model, micro, context)
             return jax.value_and_grad(loss, has_aux=True)(params)
 
         micro = split_microbatches(batch, accum_steps, data_shards)
+        keys = None if rng is None else jax.random.split(rng, accum_steps)
         if accum_steps == 1:
-            (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro))
+            (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro),
+                                               None if keys is None else keys[0])
         else:
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(lambda: micro_grads(params, first)[0][1])
             init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros(()),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, t_acc, s_acc = carry
-                (t, s), g = micro_grads(params, mb)
+                mb, key = xs
+                (t, s), g = micro_grads(params, mb, key)
                 add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
                 return (jax.tree.map(add, g_acc, g), t_acc + t, jax.tree.map(add, s_acc, s)), None
 
-            (grads, total, sums), _ = jax.lax.scan(body, init, micro)
+            (grads, total, sums), _ = jax.lax.scan(body, init, (micro, keys))
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         return grads, {"loss": total / denom, "denominator": denom, **sums}
 
@@ -131,12 +140,17 @@ def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
                     denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
-                    ema_decay: float | None = None, schedule: optax.Schedule | None = None):
-    """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
-    grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)
+                    ema_decay: float | None = None, schedule: optax.Schedule | None = None, dropout: bool = False):
+    """Build `train_step(state, batch[, frozen]) -> (state, metrics)` (not yet jitted).
+
+    `dropout`: draw LoRA dropout masks from the state's RNG (a fresh key every step).
+    """
+    grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards,
+                            dropout=dropout)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
-        grads, metrics = grads_fn(state.params, batch, frozen)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1) if dropout else None
+        grads, metrics = grads_fn(state.params, batch, frozen, step_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

@@ -39,6 +39,7 @@ from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
+from posttrain_jax.models.lora import base_graphdef, dropout_rate
 from posttrain_jax.train import init_train_state, jit_train_step, make_train_step
 from posttrain_jax.train.loop import resume_from_latest
 from posttrain_jax.trainers import runner
@@ -137,16 +138,25 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     total_steps = t.steps or prompt_iter.num_batches
     # A reward model is sharded over this process's devices: each process scores its own completions.
     rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh())
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens),
                             pad_token=pad, num_samples=g.group_size)
     optimizer_steps = total_steps * g.num_iterations * g.num_minibatches
     tx, schedule = runner.optimizer_from_config(config.optim, optimizer_steps)
-    graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh)
-    # The reference is the initial policy, frozen (rebuilt identically on resume).
-    reference = jax.tree.map(jnp.copy, state.params) if g.beta else None
+    # LoRA: the adapters are trained; the frozen base is a step argument, joined back by `full` (no copy).
+    trainable, frozen, full = runner.trainable_split(model)
+    graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh, trainable=trainable)
+    # The reference is the initial policy, frozen (rebuilt identically on resume). With LoRA it is the
+    # base with the adapters off: the base graph over the frozen arrays, no second copy of the weights.
+    reference, reference_graphdef = None, graphdef
+    if g.beta:
+        if frozen is not None:
+            reference, reference_graphdef = frozen, base_graphdef(model)
+        else:
+            reference = jax.tree.map(jnp.copy, state.params)
     metadata = run_metadata(config, model)
     shards = data_shards(mesh)
     objective = make_grpo_objective(aggregation=g.loss_aggregation, epsilon_low=g.epsilon_low,
@@ -154,14 +164,19 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                                     temperature=s.temperature, chunk_size=g.loss_chunk_size or None)
     step = make_train_step(graphdef, tx, objective,
                            make_grpo_denominator(g.loss_aggregation, max_completion_length=s.max_new_tokens),
-                           accum_steps=t.accum_steps, data_shards=shards, schedule=schedule)
+                           accum_steps=t.accum_steps, data_shards=shards, schedule=schedule,
+                           dropout=dropout_rate(model) > 0)
     keys = ["tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages", "sample_mask"]
     keys += ["ref_logps"] if g.beta else []
     keys += ["old_logps"] if g.num_iterations > 1 or g.num_minibatches > 1 else []
     per_row = ("advantages", "sample_mask")  # [rows]; everything else is [rows, length]
-    step_fn = jit_train_step(step, state, {k: batch_sharding(mesh, rules, 1 if k in per_row else 2) for k in keys})
+    step_fn = jit_train_step(step, state, {k: batch_sharding(mesh, rules, 1 if k in per_row else 2) for k in keys},
+                             frozen=frozen)
     logps_fn = jax.jit(lambda p, b: sequence_token_logps(nnx.merge(graphdef, p), b, temperature=s.temperature,
                                                          chunk_size=g.loss_chunk_size or None))
+    ref_logps_fn = logps_fn if reference_graphdef is graphdef else jax.jit(
+        lambda p, b: sequence_token_logps(nnx.merge(reference_graphdef, p), b, temperature=s.temperature,
+                                          chunk_size=g.loss_chunk_size or None))
     sampler = Sampler(graphdef, model.config, mesh=mesh, rules=rules)
     del model  # the train state holds the params from here on
     evaluate = _make_evaluate(config, sampler, tokenizer, rewards, pad) if d.eval_path else None
@@ -175,7 +190,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     summary = {"output_dir": config.output_dir, "checkpoints": checkpointer.directory.as_posix(),
                "metrics": writer.path, "total_steps": total_steps, "prompts": stats.__dict__}
     if evaluate is not None:
-        summary["eval_before"] = evaluate(state.params)
+        summary["eval_before"] = evaluate(full(state.params))
         writer.log(start, summary["eval_before"], prefix="eval")
     base_key = jax.random.key(config.seed)
     bar = progress_bar(total_steps, initial=start)
@@ -186,7 +201,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                 break
             step_num += 1
             t0 = time.time()
-            rollout = sample_and_score(sampler, state.params, local_prompts, params,
+            rollout = sample_and_score(sampler, full(state.params), local_prompts, params,
                                        jax.random.fold_in(base_key, step_num), tokenizer=tokenizer, rewards=rewards,
                                        max_prompt_length=d.max_prompt_length)
             t_sample = time.time() - t0
@@ -204,9 +219,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             minibatches = _minibatches(host, g.num_minibatches, mesh, rules)
             for mb in minibatches:
                 if reference is not None:
-                    mb["ref_logps"] = logps_fn(reference, mb)
+                    mb["ref_logps"] = ref_logps_fn(reference, mb)
                 if g.num_iterations > 1 or g.num_minibatches > 1:
-                    mb["old_logps"] = logps_fn(state.params, mb)
+                    mb["old_logps"] = logps_fn(full(state.params), mb)
             opt_metrics = []
             for _ in range(g.num_iterations):
                 for mb in minibatches:
@@ -221,7 +236,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             bar.set_postfix(reward=f"{row['train/reward_mean']:.3f}", acc=f"{row.get('train/accuracy', 0):.2f}",
                             gen_tok_s=f"{row['train/rollout_tokens_per_s']:.0f}")
             if evaluate is not None and t.eval_every and step_num % t.eval_every == 0 and step_num < total_steps:
-                writer.log(step_num, evaluate(state.params), prefix="eval")
+                writer.log(step_num, evaluate(full(state.params)), prefix="eval")
             if t.checkpoint_every and step_num % t.checkpoint_every == 0:
                 checkpointer.save(step_num, state, data_state=prompt_iter.get_state(), metadata=metadata, force=True)
                 last_saved = step_num
@@ -231,10 +246,10 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     checkpointer.wait()
     checkpointer.close()
     if evaluate is not None:
-        summary["eval_after"] = evaluate(state.params)
+        summary["eval_after"] = evaluate(full(state.params))
         writer.log(step_num, summary["eval_after"], prefix="eval")
     writer.close()
-    summary.update(final_step=step_num, wall_time_s=time.time() - started, history=history, params=state.params,
+    summary.update(final_step=step_num, wall_time_s=time.time() - started, history=history, params=full(state.params),
                    graphdef=graphdef, compilations={"train_step": step_fn._cache_size(),
                                                     "sampler": sampler.compilations()})
     if jax.process_index() == 0 and evaluate is not None:

@@ -120,7 +120,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
                   on_bad_row=config.data.on_bad_row)
     train_iter, stats = make_sft_pipeline(specs, tokenizer, packing=config.data.packing, seed=config.seed, **common)
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)
     evaluate = None
     if config.data.eval_path:
         eval_iter, _ = make_eval_pipeline([SourceSpec(config.data.eval_path)], tokenizer, packing=False, **common)
