@@ -150,8 +150,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     # arrays themselves (no second copy of the weights); a full fine-tune keeps a frozen copy.
     lora = has_adapters(model)
     reference_graphdef = base_graphdef(model) if lora else graphdef
-    reference_logps = make_pair_logps(reference_graphdef, pairs_per_row=train_iter.pairs_per_row,
-                                      loss_chunk_size=chunk)
+    reference_pair_logps = make_pair_logps(reference_graphdef, pairs_per_row=train_iter.pairs_per_row,
+                                           loss_chunk_size=chunk)
     shard = lambda b: shard_batch(b, mesh, rules)  # noqa: E731
     prepare = None
     needs_reference = t.loss_type not in REFERENCE_FREE
@@ -164,7 +164,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
 
         @jax.jit(out_shardings=(rows, rows))  # [rows, pairs_per_row], split like every batch key
         def reference_logps(ref_params, batch):  # params are arguments, never closed over
-            c, r, _, _ = reference_logps(ref_params, batch)
+            c, r, _, _ = reference_pair_logps(ref_params, batch)
             shape = batch["pair_mask"].shape
             return c.reshape(shape), r.reshape(shape)
 
