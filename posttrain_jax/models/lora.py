@@ -348,8 +348,8 @@ def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]
             lora_a = getattr(module, name + "_lora_a", None)
             if lora_a is None:
                 continue
-            a = np.asarray(jax.device_get(lora_a[...]), np.float32)
-            b = np.asarray(jax.device_get(getattr(module, name + "_lora_b")[...]), np.float32)
+            a = _host(lora_a[...])
+            b = _host(getattr(module, name + "_lora_b")[...])
             lead = a.ndim - 1 - PROJECTIONS[name][0]
             if lead == 0:
                 out[f"{prefix}.{name}"] = (a, b)
@@ -357,6 +357,14 @@ def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]
                 for layer in range(a.shape[0]):
                     out[_layer_path(prefix, layer) + f".{name}"] = (a[layer], b[layer])
     return out
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process sharded) array on the host in float32; collective across processes."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
+    return np.asarray(jax.device_get(x), np.float32)
 
 
 def _layer_path(prefix: str, layer: int) -> str:
