@@ -71,7 +71,7 @@ print("model:", MODEL_DIR, "| base quantization:", QUANTIZE)
 # The `lora` section is the same for every trainer (`sft`, `rm`, `dpo`, `grpo`): rank, alpha (the adapters
 # are scaled by alpha / rank), a regular expression over projection paths (default: attention q/k/v/o and
 # MLP gate/up/down), dropout, and `quantize_base`. On the command line:
-# `posttrain-jax sft --config configs/quickstart/lora_sft.py:gemma3 --config.model.hf_path=...`.
+# `posttrain-jax sft --config configs/quickstart/sft_lora.py:gemma3 --config.model.hf_path=...`.
 
 # %%
 from posttrain_jax.trainers import sft

@@ -68,7 +68,10 @@ def _quickstart_data(config) -> None:
                                        show_work=config.data.quickstart_show_work,
                                        max_operand=config.data.quickstart_max_operand)
     with config.unlocked():
-        config.tokenizer = os.path.join(directory, "tokenizer.model")
+        # The task's own tokenizer, unless one is set or the model is a Hugging Face one (its own tokenizer:
+        # the task's data is tokenizer-free chat JSONL).
+        if not config.tokenizer:
+            config.tokenizer = config.model.hf_path or os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]
         config.data.eval_path = os.path.join(directory, "eval.jsonl")
 
