@@ -48,3 +48,18 @@ def test_decode_benchmark_smoke(tmp_path):
     assert summary["roofline_fp32"]["tokens_per_s_all_weights"] > 0 and "loadavg_start" in summary
     # Same weights and prompts on both sides: fp32 greedy tokens agree.
     assert summary["greedy_agreement"]["jax-fp32 vs torch-fp32"]["rows_identical"] == 2
+
+
+def test_lora_benchmark_smoke(tmp_path):
+    out = tmp_path / "lora.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lora_sft.py"), "--quick", "--preset", "tiny-llama", "--batch", "2",
+         "--seq-len", "16", "--rank", "4", "--methods", "full,qlora", "--frameworks", "jax,torch", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = {(r["framework"], r["method"]): r for r in rows if r["bench"] == "lora_sft_step"}
+    assert steps[("posttrain_jax", "qlora")]["trained_params"] < steps[("posttrain_jax", "full")]["trained_params"]
+    assert steps[("pytorch", "full")]["tokens_per_s"] > 0
+    summary = rows[-1]
+    assert summary["bench"] == "lora_sft_summary" and 0 < summary["qlora_optimizer_state_fraction_of_full"] < 1

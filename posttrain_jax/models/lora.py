@@ -341,7 +341,8 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
 
 
 def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Path -> (A, B) as host float32 arrays, stacked layers split out as `blocks.<i>.…` paths."""
+    """`blocks.<layer>.<attn|mlp>.<name>` -> (A, B) as host float32 arrays, whatever the layout
+    (stacked adapters of scanned layers are split into their layers). Collective across processes."""
     out = {}
     for prefix, module, names in _projection_modules(model):
         for name in names:
@@ -350,13 +351,29 @@ def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]
                 continue
             a = _host(lora_a[...])
             b = _host(getattr(module, name + "_lora_b")[...])
-            lead = a.ndim - 1 - PROJECTIONS[name][0]
-            if lead == 0:
-                out[f"{prefix}.{name}"] = (a, b)
-            else:  # stacked over layers: one entry per layer
-                for layer in range(a.shape[0]):
-                    out[_layer_path(prefix, layer) + f".{name}"] = (a[layer], b[layer])
+            group = prefix.rsplit(".", 1)[-1]  # attn | mlp
+            if a.ndim - 1 - PROJECTIONS[name][0] == 0:
+                out[f"blocks.{layer_index(model, prefix)}.{group}.{name}"] = (a, b)
+            else:  # stacked over scanned layer groups: one entry per layer
+                for g in range(a.shape[0]):
+                    out[f"blocks.{layer_index(model, prefix, g)}.{group}.{name}"] = (a[g], b[g])
     return out
+
+
+def layer_index(model: nnx.Module, prefix: str, stacked: int | None = None) -> int:
+    """The decoder layer of module path `prefix` (`blocks.<i>.attn`, or with scanned layers
+    `layers.<j>.attn` at stack index `stacked`, `tail.<k>.attn`; see models/stacking.py)."""
+    kind, index = prefix.split(".")[:2]
+    index = int(index)
+    if kind == "blocks":
+        return index
+    from posttrain_jax.models.stacking import layer_groups
+    period, groups = layer_groups(model.config)
+    if kind == "layers":
+        return stacked * period + index
+    if kind == "tail":
+        return period * groups + index
+    raise ValueError(f"{prefix}: not a decoder layer path")
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -365,9 +382,3 @@ def _host(x: jax.Array) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
     return np.asarray(jax.device_get(x), np.float32)
-
-
-def _layer_path(prefix: str, layer: int) -> str:
-    """`blocks.attn` (stacked) -> `blocks.<layer>.attn`."""
-    head, _, rest = prefix.partition(".")
-    return f"{head}.{layer}.{rest}" if rest else f"{head}.{layer}"

@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from posttrain_jax.models.lora import PROJECTIONS, LoraConfig, _projection_modules, adapter_arrays, merge_adapters
+from posttrain_jax.models.lora import (PROJECTIONS, LoraConfig, _projection_modules, adapter_arrays, layer_index,
+                                       merge_adapters)
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -140,7 +141,8 @@ def read_peft_adapter(model: nnx.Module, path: str) -> nnx.Module:
                 continue
             a_full, b_full = lora_a[...], getattr(module, name + "_lora_b")[...]
             stacked = a_full.ndim - 1 - PROJECTIONS[name][0]
-            layers = range(a_full.shape[0]) if stacked else [int(prefix.split(".")[1])]
+            layers = ([layer_index(model, prefix, g) for g in range(a_full.shape[0])] if stacked
+                      else [layer_index(model, prefix)])
             a_new, b_new = [], []
             for layer in layers:
                 pair = wanted.get((layer, name))

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import qwix
 from flax import nnx
 
 from posttrain_jax.mesh import make_mesh
@@ -14,6 +13,15 @@ from posttrain_jax.models.lora import (LoraConfig, QuantizedKernel, apply_lora, 
                                        merge_adapters, trainable_filter)
 
 TOKENS = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
+
+
+def first_block(model):
+    """Layer 0's block: `blocks[0]`, or with scanned layers the stacked `layers[0]` (leading layer axis)."""
+    return first_block(model) if hasattr(model, "blocks") else model.layers[0]
+
+
+def stacked(model) -> int:
+    return 0 if hasattr(model, "blocks") else 1
 
 
 def _randomise_b(model, seed=1):
@@ -38,7 +46,7 @@ def test_fresh_adapters_are_identity_and_adapters_off_is_base(name):
     graphdef, _, frozen = nnx.split(model, trainable_filter(), ...)
     base = nnx.merge(base_graphdef(model), frozen)
     np.testing.assert_array_equal(np.asarray(base(TOKENS)), base_logits)
-    assert base.blocks[0].attn.q[...] is model.blocks[0].attn.q[...]
+    assert first_block(base).attn.q[...] is first_block(model).attn.q[...]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
@@ -54,7 +62,7 @@ def test_merged_weights_equal_adapted_forward(name):
 def test_targets_pattern_selects_projections():
     model = create_model(preset("tiny-llama"))
     apply_lora(model, LoraConfig(rank=2, targets=r"attn\.(q|v)$"))
-    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    attn, mlp = first_block(model).attn, first_block(model).mlp
     assert hasattr(attn, "q_lora_a") and hasattr(attn, "v_lora_b") and not hasattr(attn, "k_lora_a")
     assert not hasattr(mlp, "up_lora_a")
     with pytest.raises(ValueError, match="matches no projection"):
@@ -85,12 +93,12 @@ def test_gradients_only_on_adapters():
 def test_quantized_base_within_quantization_step(qtype):
     cfg = preset("tiny-llama", hidden_size=128, intermediate_size=256)
     model = create_model(cfg)
-    dense = {n: np.asarray(getattr(model.blocks[0].mlp if n in ("gate", "up", "down") else model.blocks[0].attn,
+    dense = {n: np.asarray(getattr(first_block(model).mlp if n in ("gate", "up", "down") else first_block(model).attn,
                                    n)[...]) for n in ("q", "o", "gate", "down")}
     reference = np.asarray(model(TOKENS))
     apply_lora(model, LoraConfig(rank=4, quantize_base=qtype))
     for name, w in dense.items():
-        module = model.blocks[0].mlp if name in ("gate", "down") else model.blocks[0].attn
+        module = first_block(model).mlp if name in ("gate", "down") else first_block(model).attn
         assert isinstance(getattr(module, name), QuantizedKernel)
         scale = np.asarray(getattr(module, name + "_scale")[...])
         err = np.abs(np.asarray(dense_kernel(module, name)) - w)
@@ -114,12 +122,18 @@ def test_adapters_sharded_like_their_kernels():
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     model = create_model(preset("tiny-llama"), mesh=mesh)
     apply_lora(model, LoraConfig(rank=4, quantize_base="nf4"), mesh=mesh)
-    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
-    assert attn.q_lora_a[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-    assert attn.q_lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
-    assert mlp.down_lora_a[...].sharding.spec == jax.sharding.PartitionSpec("tensor", None)
-    assert attn.q[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert isinstance(qwix.QArray, type)
+    attn, mlp = first_block(model).attn, first_block(model).mlp
+    lead = stacked(model)
+
+    def spec(x):  # per-layer part of the spec (a stacked layer axis is never sharded)
+        full = tuple(x[...].sharding.spec) + (None,) * x[...].ndim
+        assert all(axis is None for axis in full[:lead])
+        return full[lead:x[...].ndim]
+
+    assert spec(attn.q_lora_a) == ("fsdp", None)
+    assert spec(attn.q_lora_b) == (None, "tensor", None)
+    assert spec(mlp.down_lora_a) == ("tensor", None)
+    assert spec(attn.q) == ("fsdp", "tensor", None)  # the nf4 codes keep the kernel's sharding
     with jax.set_mesh(mesh):
         logits = jax.jit(lambda m, t: m(t))(model, TOKENS)
     assert np.isfinite(np.asarray(logits)).all()

@@ -67,7 +67,8 @@ def test_import_adapter_made_by_peft(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     cfg = read_peft_config(str(tmp_path / "adapter"))
     model = read_peft_adapter(apply_lora(load_hf(str(tmp_path / "base")), cfg), str(tmp_path / "adapter"))
-    assert not hasattr(model.blocks[0].attn, "k_lora_a") and hasattr(model.blocks[1].mlp, "down_lora_b")
+    block = model.blocks[0] if hasattr(model, "blocks") else model.layers[0]
+    assert not hasattr(block.attn, "k_lora_a") and hasattr(block.mlp, "down_lora_b")
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), hf_logits(peft_model.eval(), TOKENS),
                                atol=1e-4, rtol=1e-4)
 

@@ -16,6 +16,7 @@ from posttrain_jax.config import apply_overrides
 from posttrain_jax.models.lora import QuantizedKernel, has_adapters
 from posttrain_jax.trainers import sft
 from posttrain_jax.trainers.export import export_checkpoint, load_checkpoint_model
+from tests.models.test_lora import first_block
 
 SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",
          "--config.train.global_batch=16", "--config.train.log_every=1", "--config.optim.learning_rate=1e-2",
@@ -62,8 +63,9 @@ def test_lora_sft_trains_only_adapters_on_8_devices(lora_run):
     model = load_checkpoint_model(os.path.join(out, "checkpoints"))
     assert has_adapters(model)
     fresh = sft.build_model(small_config(out).model, None, sft.mesh_and_rules(small_config(out))[1], seed=0)
-    np.testing.assert_array_equal(np.asarray(model.blocks[0].attn.q[...]), np.asarray(fresh.blocks[0].attn.q[...]))
-    assert float(jnp.abs(model.blocks[0].attn.q_lora_b[...]).max()) > 0  # B moved off zero
+    np.testing.assert_array_equal(np.asarray(first_block(model).attn.q[...]),
+                                  np.asarray(first_block(fresh).attn.q[...]))
+    assert float(jnp.abs(first_block(model).attn.q_lora_b[...]).max()) > 0  # B moved off zero
 
 
 def test_lora_resume_is_exact(lora_run, tmp_path):
@@ -114,5 +116,5 @@ def test_qlora_sft_pulse(tmp_path):
     assert rows[6]["train/loss"] < rows[1]["train/loss"]
     assert summary["compilations"] == 1
     model = load_checkpoint_model(str(tmp_path / "checkpoints"))
-    assert isinstance(model.blocks[0].mlp.down, QuantizedKernel)
+    assert isinstance(first_block(model).mlp.down, QuantizedKernel)
     assert all("_lora_" in n for n in _leaf_names(load_params(str(tmp_path / "checkpoints"))))
