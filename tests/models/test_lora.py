@@ -17,7 +17,7 @@ TOKENS = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
 
 def first_block(model):
     """Layer 0's block: `blocks[0]`, or with scanned layers the stacked `layers[0]` (leading layer axis)."""
-    return first_block(model) if hasattr(model, "blocks") else model.layers[0]
+    return model.blocks[0] if hasattr(model, "blocks") else model.layers[0]
 
 
 def stacked(model) -> int:
