@@ -88,7 +88,7 @@ def worker_jax(args, method: str) -> dict:
     step = make_train_step(graphdef, tx, make_sft_objective("token_mean", data_shards=shards),
                            make_sft_denominator("token_mean", data_shards=shards), data_shards=shards,
                            schedule=schedule)
-    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules), frozen=frozen)
+    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules), base=frozen)
     with jax.set_mesh(mesh), logical_rules(rules):
         batch = shard_batch(sft_step.synthetic_batch(config.vocab_size, args.batch, args.seq_len), mesh, rules)
         start = time.perf_counter()
@@ -97,7 +97,7 @@ def worker_jax(args, method: str) -> dict:
         compile_s = time.perf_counter() - start
         holder = {"state": state}
         del state
-        extra = () if frozen is None else (frozen,)
+        extra = () if frozen is None else (None, frozen)  # (teacher, base) arguments of a LoRA step
 
         def run_step():
             holder["state"], metrics = compiled(holder["state"], batch, *extra)

@@ -63,3 +63,19 @@ def test_lora_benchmark_smoke(tmp_path):
     assert steps[("pytorch", "full")]["tokens_per_s"] > 0
     summary = rows[-1]
     assert summary["bench"] == "lora_sft_summary" and 0 < summary["qlora_optimizer_state_fraction_of_full"] < 1
+
+
+def test_aot_table_smoke(tmp_path):
+    """One tiny row of the AOT table (libtpu's compiler, compile-only devices)."""
+    import pytest
+    pytest.importorskip("libtpu", reason="needs the tpu-compile extra (libtpu)")
+    out = tmp_path / "aot.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_table.py"), "--quick", "--rows",
+                             "tiny-v5e4-head", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in row, row
+    assert row["part"] == "loss_head" and row["topology"] == "v5e-4"
+    assert row["argument_bytes"] > 0 and row["temp_bytes"] < 2**30
+    assert "| tiny-v5e4-head | v5e-4 | 256 x 2 |" in result.stdout

@@ -5,7 +5,9 @@ unnormalised loss of a micro-batch and a dict of sums for metrics;
 `denominator(batch)` is computed once on the whole global batch and returns the
 one divisor, or a dict `context` holding it under "denominator" plus any other
 global quantities a loss needs (e.g. DPO's NLL term is normalised by the global
-number of chosen tokens); every micro-batch's objective receives that context. Gradients of the sums are accumulated
+number of chosen tokens); every micro-batch's objective receives that context, plus, under "frozen",
+the step's optional third argument (params of a frozen model the objective runs, e.g. a distillation
+teacher: an argument of the jitted step with its own shardings, never a closed-over constant). Gradients of the sums are accumulated
 over micro-batches with `lax.scan` and divided once, so the result does not
 depend on how the global batch was split (see `posttrain_jax.losses.sft`).
 """
@@ -92,16 +94,20 @@ def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shard
 def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
                  denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
                  dropout: bool = False):
-    """`grads(params, batch, frozen=None) -> (grads, metrics)` for a whole global batch, divided once.
+    """`grads(params, batch, frozen=None, base=None, rng=None) -> (grads, metrics)` for a whole global batch,
+    divided once.
 
-    `frozen` (LoRA: the base weights) joins the params in the model; no gradient flows to it.
+    `frozen` (e.g. a teacher's params) reaches the objective as `context["frozen"]`; `base` (LoRA: the
+    frozen base weights) joins the params in the model. No gradient flows to either.
     With `dropout` (LoRA dropout), `rng` (a typed key) gives each micro-batch its own masks.
     """
 
-    def grads_fn(params, batch, frozen=None, rng=None):
-        extra = () if frozen is None else (frozen,)
+    def grads_fn(params, batch, frozen=None, base=None, rng=None):
+        extra = () if base is None else (base,)
         context = denominator(batch)
         context = dict(context) if isinstance(context, dict) else {"denominator": context}
+        if frozen is not None:
+            context["frozen"] = frozen
         denom = context["denominator"]
 
         def micro_grads(params, micro, key=None):
@@ -141,16 +147,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
                     denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
                     ema_decay: float | None = None, schedule: optax.Schedule | None = None, dropout: bool = False):
-    """Build `train_step(state, batch[, frozen]) -> (state, metrics)` (not yet jitted).
+    """Build `train_step(state, batch, frozen=None, base=None) -> (state, metrics)` (not yet jitted).
 
     `dropout`: draw LoRA dropout masks from the state's RNG (a fresh key every step).
     """
     grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards,
                             dropout=dropout)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None, base=None):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1) if dropout else None
-        grads, metrics = grads_fn(state.params, batch, frozen, step_key)
+        grads, metrics = grads_fn(state.params, batch, frozen, base, step_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -166,34 +172,41 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None):
+def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None, base=None):
     """Compile with the state's own shardings in and out, donating the old state.
 
-    With `frozen` (LoRA's base weights) the result is `step(state, batch)` calling the
-    jitted `train_step(state, batch, frozen)`: the frozen arrays are an argument in their
-    own shardings (never closed over, never donated, never copied).
+    With `frozen` (a pytree of arrays, e.g. a teacher's params), the step takes it as a third argument
+    in its own shardings (not donated).
+    With `base` (LoRA's frozen base weights) the result is `step(state, batch[, frozen])` calling the
+    jitted `train_step(state, batch, frozen, base)`: the base is an argument in its own shardings
+    (never closed over, never donated, never copied).
     """
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     if frozen is None:
         return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
-    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, jax.tree.map(lambda x: x.sharding,
-                                                                                            frozen)),
+    frozen_sharding = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    if base is None:
+        return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding,
+                                               jax.tree.map(lambda x: x.sharding, base)),
                      out_shardings=(state_sharding, None), donate_argnums=0)
-    return WithFrozen(jitted, frozen)
+    return WithBase(jitted, base)
 
 
-class WithFrozen:
-    """`fn(state, batch)` for a jitted `fn(state, batch, frozen)`; `_cache_size()` counts its compilations."""
+class WithBase:
+    """`step(state, batch, frozen=None)` for a jitted `fn(state, batch, frozen, base)` with `base` bound;
+    `_cache_size()` counts its compilations."""
 
-    def __init__(self, jitted, frozen):
-        self.jitted, self.frozen = jitted, frozen
+    def __init__(self, jitted, base):
+        self.jitted, self.base = jitted, base
 
-    def __call__(self, state, batch):
-        return self.jitted(state, batch, self.frozen)
+    def __call__(self, state, batch, frozen=None):
+        return self.jitted(state, batch, frozen, self.base)
 
-    def lower(self, state, batch):
-        return self.jitted.lower(state, batch, self.frozen)
+    def lower(self, state, batch, frozen=None):
+        return self.jitted.lower(state, batch, frozen, self.base)
 
     def _cache_size(self) -> int:
         return self.jitted._cache_size()

@@ -77,9 +77,9 @@ def build_with_lora(model_section, mesh, rules, *, seed: int, head: str, lora, b
     """
     saved = _adapter_run_meta(model_section)
     if saved is not None:
+        numerics = {k: v for k, v in model_section.items() if k not in ("preset", "hf_path", "checkpoint")}
         model = load_adapter_run(resolve_step_dir(model_section.checkpoint), saved, mesh, rules, head=head,
-                                 numerics=dict(dtype=model_section.dtype, param_dtype=model_section.param_dtype,
-                                               remat=model_section.remat), build_base=build_base)
+                                 numerics=numerics, build_base=build_base)
         if not merge:
             return model
         log.info("merging the adapters of %s into its base", model_section.checkpoint)

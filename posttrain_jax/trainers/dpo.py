@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
 from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
 from posttrain_jax.models.lora import base_graphdef, has_adapters
@@ -56,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
         loss_chunk_size=0,
     )
     c.optim = runner.optimizer_config(learning_rate=1e-5, warmup_ratio=0.1)  # Llama 3's DPO lr
+    c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
     return c
 
 
@@ -215,6 +217,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         pairs_eval = evaluate
         evaluate = lambda p: {**(pairs_eval(p) if pairs_eval else {}),  # noqa: E731
                               **{f"answers_{k}": v for k, v in exact(p, eval_iter=sft_iter).items()}}
+    evaluate = combine_evaluators(evaluate, make_generation_evaluator(
+        config.generation_eval, chat_template=config.chat_template, seed=config.seed, graphdef=graphdef,
+        model_config_=model.config, mesh=mesh, rules=rules, tokenizer=tokenizer))
     summary = runner.run(config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
                          total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len,
                          objective=objective, denominator=make_denominator(t), evaluate=evaluate, prepare=prepare,
@@ -229,6 +234,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                 print(f"held-out preference accuracy: {b['rewards_accuracy']:.1%} before -> "
                       f"{a['rewards_accuracy']:.1%} after; reward margin {b['rewards_margin']:.3f} -> "
                       f"{a['rewards_margin']:.3f}")
+            if "generation/accuracy" in a:
+                print(f"held-out greedy accuracy (sampled): {b['generation/accuracy']:.1%} before -> "
+                      f"{a['generation/accuracy']:.1%} after")
             if "answers_exact_match" in a:
                 print(f"held-out answer exact match: {b['answers_exact_match']:.1%} before -> "
                       f"{a['answers_exact_match']:.1%} after")

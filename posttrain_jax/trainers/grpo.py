@@ -147,14 +147,14 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     optimizer_steps = total_steps * g.num_iterations * g.num_minibatches
     tx, schedule = runner.optimizer_from_config(config.optim, optimizer_steps)
     # LoRA: the adapters are trained; the frozen base is a step argument, joined back by `full` (no copy).
-    trainable, frozen, full = runner.trainable_split(model)
+    trainable, base, full = runner.trainable_split(model)
     graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh, trainable=trainable)
     # The reference is the initial policy, frozen (rebuilt identically on resume). With LoRA it is the
     # base with the adapters off: the base graph over the frozen arrays, no second copy of the weights.
     reference, reference_graphdef = None, graphdef
     if g.beta:
-        if frozen is not None:
-            reference, reference_graphdef = frozen, base_graphdef(model)
+        if base is not None:
+            reference, reference_graphdef = base, base_graphdef(model)
         else:
             reference = jax.tree.map(jnp.copy, state.params)
     metadata = run_metadata(config, model)
@@ -171,7 +171,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     keys += ["old_logps"] if g.num_iterations > 1 or g.num_minibatches > 1 else []
     per_row = ("advantages", "sample_mask")  # [rows]; everything else is [rows, length]
     step_fn = jit_train_step(step, state, {k: batch_sharding(mesh, rules, 1 if k in per_row else 2) for k in keys},
-                             frozen=frozen)
+                             base=base)
     logps_fn = jax.jit(lambda p, b: sequence_token_logps(nnx.merge(graphdef, p), b, temperature=s.temperature,
                                                          chunk_size=g.loss_chunk_size or None))
     ref_logps_fn = logps_fn if reference_graphdef is graphdef else jax.jit(

@@ -56,22 +56,31 @@ def total_steps_of(config, train_iter) -> int:
 
 def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, objective, denominator,
         total_steps: int, seq_len: int, evaluate: Callable | None = None, derived: Callable | None = None,
-        prepare: Callable | None = None, resume: bool = False) -> dict:
+        prepare: Callable | None = None, resume: bool = False, frozen=None, prepare_uses_state: bool = False,
+        batch_shardings=None) -> dict:
     """Train `model` on `train_iter`; returns {paths, eval_before/after, final_step, compilations, ...}.
 
     evaluate(params) -> dict of held-out metrics (before, every eval_every steps, after).
-    prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes).
+    prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes);
+    with `prepare_uses_state`, prepare(host_batch, step, state) (e.g. to sample from the current params).
+    frozen: params of a frozen model passed to every step (see `posttrain_jax.train.step`).
+    batch_shardings: the step's batch shardings (default: every key [batch, ...] over the batch axes).
     """
     started = time.time()
     t = config.train
     tx, schedule = optimizer_from_config(config.optim, total_steps)
-    trainable, frozen, full = trainable_split(model)
+    trainable, base, full = trainable_split(model)
     graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh,
                                        trainable=trainable)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
                            ema_decay=t.ema_decay or None, schedule=schedule, dropout=dropout_rate(model) > 0)
-    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules), frozen=frozen)
+    # LoRA: the frozen base is bound to the step (an argument of the jitted function, never donated).
+    jitted = jit_train_step(step, state, batch_shardings or batch_sharding(mesh, rules), frozen=frozen, base=base)
+    step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen))
+    if base is not None and prepare is not None and prepare_uses_state:  # prepare sees the whole model
+        user_prepare = prepare
+        prepare = lambda b, n, s: user_prepare(b, n, s.replace(params=full(s.params)))  # noqa: E731
     checkpointer = RunCheckpointer(os.path.join(config.output_dir, "checkpoints"), keep=t.keep_checkpoints,
                                    async_save=t.async_checkpoint)
     start = 0
@@ -91,7 +100,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     with jax.set_mesh(mesh), logical_rules(rules):
         state, last = train_loop(state, step_fn, train_iter, prepare, loop_cfg, writer=writer,
                                  checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model),
-                                 derived=derived,
+                                 derived=derived, prepare_uses_state=prepare_uses_state,
                                  evaluate=(lambda s, _: evaluate(full(s.params))) if evaluate else None)
     checkpointer.close()
     if evaluate is not None:
@@ -99,7 +108,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
         writer.log(last, summary["eval_after"], prefix="eval")
     writer.close()
     summary.update(final_step=last, wall_time_s=time.time() - started, graphdef=graphdef, params=full(state.params),
-                   compilations=step_fn._cache_size())  # 1: no recompilation after the first step
+                   compilations=jitted._cache_size())  # 1: no recompilation after the first step
     return summary
 
 
@@ -113,8 +122,8 @@ def trainable_split(model):
     if not has_adapters(model):
         return nnx.Param, None, lambda params: params
     trainable = trainable_filter(model.config.head)
-    frozen = frozen_state(model, trainable)
-    return trainable, frozen, lambda params: nnx.merge_state(params, frozen)
+    base = frozen_state(model, trainable)
+    return trainable, base, lambda params: nnx.merge_state(params, base)
 
 
 def format_metrics(metrics: dict) -> str:
