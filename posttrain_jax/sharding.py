@@ -34,6 +34,8 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("act_embed", None),
     ("cache_length", None),
+    # The stacking axis of scanned layers: every device holds its shard of every layer.
+    ("layers", None),
 )
 
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_rules", default=None)

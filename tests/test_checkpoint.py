@@ -258,8 +258,8 @@ def test_restore_errors_name_the_problem(saved_run, state, mesh, tmp_path):
     other = abstract_target(state).replace(
         params=abstract_target(abstract_model(other_model)[1], model_shardings(other_model, mesh)))
     with RunCheckpointer(saved_run) as checkpointer:
-        with pytest.raises(ValueError, match=r"'params\.blocks\.0\.mlp\.down\.value' has shape \(128, 64\) in the "
-                                             r"checkpoint but \(256, 64\)"):
+        with pytest.raises(ValueError, match=r"'params\.layers\.0\.mlp\.down\.value' has shape \(2, 128, 64\) in "
+                                             r"the checkpoint but \(2, 256, 64\)"):
             checkpointer.restore(target=other)
         with pytest.raises(FileNotFoundError, match=r"no complete checkpoint for step 7 .* complete steps: \[1\]"):
             checkpointer.restore(7, target=abstract_target(state))
@@ -300,8 +300,8 @@ def test_metadata_must_be_json(tmp_path):
 def test_load_params(saved_run, state, mesh):
     step_dir = saved_run / "1"
     on_host = load_params(saved_run)
-    np.testing.assert_array_equal(on_host["blocks"]["0"]["attn"]["q"]["value"],
-                                  np.asarray(state.params["blocks"][0]["attn"]["q"].get_raw_value()))
+    np.testing.assert_array_equal(on_host["layers"]["0"]["attn"]["q"]["value"],
+                                  np.asarray(state.params["layers"][0]["attn"]["q"].get_raw_value()))
     target = abstract_target(state.params, model_shardings(CONFIG, mesh))
     params = load_params(step_dir, target=target)
     assert_trees_equal(params, state.params)
@@ -396,8 +396,8 @@ def test_average_bfloat16_on_host(tmp_path):
 
 
 @pytest.mark.parametrize("other_config, message", [
-    (dict(intermediate_size=256), r"'params\.blocks\.0\.mlp\.down\.value' has shape \(128, 64\) in .*run0/10 but "
-                                  r"\(256, 64\) in .*other"),
+    (dict(intermediate_size=256), r"'params\.layers\.0\.mlp\.down\.value' has shape \(2, 128, 64\) in .*run0/10 "
+                                  r"but \(2, 256, 64\) in .*other"),
     (dict(tie_embeddings=True), r"'params\.lm_head\.value' is in .*run0/10 but not in .*other"),
 ])
 def test_average_refuses_other_architectures(three_runs, mesh, tmp_path, other_config, message):

@@ -36,9 +36,11 @@ def test_param_shardings_follow_rules(shape):
     fs = "fsdp" if fsdp > 1 else None
     tp = "tensor" if tensor > 1 else None
     expected = {  # written out by hand from DEFAULT_RULES, with size-1 axes simply unused
-        "embed": (tp, fs), "lm_head": (fs, tp), "blocks.0.attn.q": (fs, tp, None),
-        "blocks.0.attn.k": (fs, tp, None), "blocks.1.attn.o": (tp, None, fs), "blocks.0.mlp.gate": (fs, tp),
-        "blocks.1.mlp.down": (tp, fs), "blocks.0.attn_norm.scale": (None,), "final_norm.scale": (None,),
+        # Scanned layers: a leading "layers" axis that is never sharded.
+        "embed": (tp, fs), "lm_head": (fs, tp), "layers.0.attn.q": (None, fs, tp, None),
+        "layers.0.attn.k": (None, fs, tp, None), "layers.0.attn.o": (None, tp, None, fs),
+        "layers.0.mlp.gate": (None, fs, tp), "layers.0.mlp.down": (None, tp, fs),
+        "layers.0.attn_norm.scale": (None, None), "final_norm.scale": (None,),
     }
     flat = _flat(model)
     for name, spec in expected.items():
@@ -78,8 +80,8 @@ def test_sharded_hf_load_places_shards(tmp_path):
     make_hf_model("qwen3", tmp_path)
     mesh = _mesh((2, 2, 2))
     sharded, single = load_hf(str(tmp_path), mesh=mesh), load_hf(str(tmp_path))
-    q = sharded.blocks[0].attn.q[...]
-    assert q.sharding.spec == P("fsdp", "tensor", None) and len(q.addressable_shards) == 8
+    q = sharded.layers[0].attn.q[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None) and len(q.addressable_shards) == 8
     for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -101,13 +103,13 @@ def test_mesh_fill_and_errors():
 
 def test_heads_not_divisible_by_tensor_axis_says_what_to_change():
     config = CONFIG.replace(num_heads=4, num_kv_heads=4, head_dim=16)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.[qk]: dimension 1 \('(kv_)?heads', size 4\) cannot be split "
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.[qk]: dimension 2 \('(kv_)?heads', size 4\) cannot be split "
                                          r"over mesh axes tensor of total size 8.*map '(kv_)?heads' to other axes"):
         create_model(config, mesh=_mesh((1, 1, 8)))
     # The remedy the message names works: replicate kv heads, shard the rest.
     rules = (("kv_heads", None),) + DEFAULT_RULES
     model = create_model(CONFIG.replace(num_kv_heads=2), mesh=_mesh((1, 1, 8)), rules=rules)
-    assert model.blocks[0].attn.k[...].sharding.spec[1] is None  # kv heads replicated
+    assert model.layers[0].attn.k[...].sharding.spec[2] is None  # kv heads replicated
 
 
 def test_logical_to_spec_never_reuses_a_mesh_axis():

@@ -15,6 +15,26 @@ from typing import Any
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
+# `model.remat`: what a transformer block saves for the backward pass (the rest is recomputed there).
+# Each maps to a `jax.checkpoint_policies` policy in `transformer.remat_policy`.
+REMAT_POLICIES = {
+    # Save everything: fastest step, activation memory grows with layers x tokens. Small models, short rows.
+    "none": "no rematerialisation",
+    # Save only each block's input, recompute the whole block: least memory (about one [batch, length,
+    # hidden] per layer) for ~1/3 more FLOPs. The default choice when activations do not fit.
+    "full": "jax.checkpoint with nothing saveable",
+    # Save every matmul output (projections and attention einsums), recompute the elementwise ops (norms,
+    # activations, softmax). Cheap recompute; still keeps the [T, T] attention scores, so long rows suffer.
+    "dots": "jax.checkpoint_policies.checkpoint_dots",
+    # Save the weight matmuls (q/k/v/o, gate/up/down: no batch dimension in the dot), recompute attention
+    # scores and elementwise ops. Most of the speed of "none" without the per-layer [T, T] scores; the
+    # usual choice for long sequences when "none" does not fit.
+    "dots_no_batch": "jax.checkpoint_policies.dots_with_no_batch_dims_saveable",
+    # As dots_no_batch, but the saved matmul outputs go to pinned host memory and come back for the
+    # backward pass: accelerator memory of "full" at the cost of host<->device traffic (TPU/GPU).
+    "offload": "jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host')",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -62,7 +82,11 @@ class ModelConfig:
     head: str = "lm"  # lm: logits over the vocabulary; scalar: one value per token
     dtype: str = "float32"  # compute dtype (bfloat16 is the TPU default)
     param_dtype: str = "float32"  # master weights
-    remat: bool = False  # recompute each block in the backward pass
+    # What each block keeps for the backward pass: a name of REMAT_POLICIES (True = "full", False = "none").
+    remat: str = "none"
+    # Stack the parameters of repeating layers and run them with one `lax.scan` (compile time independent
+    # of depth); False keeps one module per layer (`blocks.<i>`), the unrolled oracle.
+    scan_layers: bool = True
     # Attention kernel: auto | xla | blocked | splash | cudnn (posttrain_jax/models/attention.py).
     attention: str = "auto"
     attention_block: int = 512  # query/key block length of the blocked and splash kernels
@@ -73,7 +97,13 @@ class ModelConfig:
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
+        # Configs written before remat policies existed say True / False (or "True" from a CLI override).
+        legacy = {True: "full", False: "none", None: "none", "true": "full", "false": "none"}
+        remat = self.remat.lower() if isinstance(self.remat, str) else self.remat
+        object.__setattr__(self, "remat", legacy.get(remat, remat))
         problems = []
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)} (or True/False)")
         if len(self.layer_types) != self.num_layers:
             problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if any(t not in (FULL, SLIDING) for t in self.layer_types):

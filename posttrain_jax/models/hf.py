@@ -8,6 +8,7 @@ multi-host pod (every host reads the same files from shared storage).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -16,15 +17,17 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from posttrain_jax.models.build import abstract_model, model_shardings
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.hf_config import from_hf_config, to_hf_config
+from posttrain_jax.models.stacking import scanned_location
 from posttrain_jax.models.transformer import Decoder
 from posttrain_jax.sharding import DEFAULT_RULES, Rules
 
@@ -65,6 +68,38 @@ def _param_names(c: ModelConfig, prefix: str = "model.", head_prefix: str = "") 
             if c.mlp_bias:
                 names[ours + f"mlp.{p}_bias"] = (hf + f"mlp.{p}_proj.bias", "same")
     return names
+
+
+def _layout_names(c: ModelConfig, prefix: str = "model.", head_prefix: str = "") -> dict[str, tuple[list[str], str]]:
+    """Our parameter path in `c`'s layout -> (HF tensor names, layout kind).
+
+    A scanned stack (`layers.<j>.X`, see models/stacking.py) lists one HF name per
+    group, in stacking order; every other parameter lists exactly one.
+    """
+    per_layer = _param_names(c, prefix, head_prefix)
+    if not c.scan_layers:
+        return {ours: ([hf], kind) for ours, (hf, kind) in per_layer.items()}
+    out: dict[str, tuple[list[str], str]] = {}
+    for ours, (hf, kind) in per_layer.items():
+        if not ours.startswith("blocks."):
+            out[ours] = ([hf], kind)
+            continue
+        _, layer, rest = ours.split(".", 2)
+        where, _ = scanned_location(c, int(layer))
+        out.setdefault(f"{where}.{rest}", ([], kind))[0].append(hf)  # layers come in order: g ascending
+    return out
+
+
+def _slice_sharding(sharding):
+    """The sharding of one layer of a stacked parameter (its leading "layers" axis is never sharded)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+@functools.cache
+def _stack_program(sharding):
+    return jax.jit(lambda *layers: jnp.stack(layers), out_shardings=sharding)
 
 
 def _to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -182,33 +217,32 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None, co
         raise ValueError(f"{config_path}: {detail}") from e
     ckpt = _Checkpoint(path)
     prefix, head_prefix = _prefixes(ckpt)
-    names = _param_names(config, prefix, head_prefix)
+    names = _layout_names(config, prefix, head_prefix)
     graphdef, abstract = abstract_model(config)
     shardings = _flat_paths(model_shardings(config, mesh, rules))
     flat = _flat_paths(abstract)
-    fresh = None
+    fresh = {}
+
+    def fresh_params():  # a reward model starting from a causal LM: its scalar head from random init
+        if not fresh:
+            fresh.update(_flat_paths(nnx.state(Decoder(config, rngs=nnx.Rngs(seed)))))
+        return fresh
+
     values = {}
     for ours, var in flat.items():
-        hf_name, kind = names[ours]
-        if hf_name not in ckpt.files:
-            if ours == "score":  # a reward model starting from a causal LM
-                fresh = fresh or _flat_paths(nnx.state(Decoder(config, rngs=nnx.Rngs(seed))))
-                log.warning("%s: no %s; the scalar head starts from random init", path, hf_name)
-                host = np.asarray(fresh[ours][...])
-            else:
-                raise ValueError(f"{path}: tensor {hf_name} is missing (needed for {ours}); "
-                                 f"is config.json from the same model as the weights?")
-        else:
-            w = ckpt.get(hf_name)
-            expected = _expected_hf_shape(kind, var.shape)
-            if tuple(w.shape) != expected:
-                raise ValueError(f"{path}: tensor {hf_name} in {os.path.basename(ckpt.files[hf_name])} has shape "
-                                 f"{tuple(w.shape)} but config.json implies {expected}")
-            host = _to_ours(kind, w, var.shape)
-        host = np.asarray(host).astype(var.dtype)
+        hf_names, kind = names[ours]
         sharding = shardings[ours].get_raw_value()
-        values[ours] = jax.make_array_from_callback(var.shape, sharding, lambda idx, h=host: h[idx])
-    used = {hf for hf, _ in names.values()}
+        if not ours.startswith("layers."):
+            values[ours] = _load_one(ckpt, path, hf_names[0], kind, ours, var.shape, var.dtype, sharding,
+                                     fresh_params)
+            continue
+        # A scanned stack: one device array per layer (host memory stays near one tensor), stacked on device.
+        layer_sharding = _slice_sharding(sharding)
+        layers = [_load_one(ckpt, path, hf, kind, ours, var.shape[1:], var.dtype, layer_sharding, None)
+                  for hf in hf_names]
+        values[ours] = _stack_program(sharding)(*layers)
+        del layers
+    used = {hf for hf_names, _ in names.values() for hf in hf_names}
     unused = [n for n in ckpt.files if n not in used]
     skipped = [n for n in unused if _IGNORABLE.search(n) or n.endswith("lm_head.weight")
                or n.endswith("score.weight")]
@@ -223,6 +257,27 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None, co
         lambda p, v: v.replace(values[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)]),
         abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, state)
+
+
+def _load_one(ckpt: _Checkpoint, path: str, hf_name: str, kind: str, ours: str, shape, dtype, sharding,
+              fresh) -> jax.Array:
+    """One HF tensor as our (sharded) array of `shape`; `fresh` supplies a missing scalar head."""
+    if hf_name not in ckpt.files:
+        if ours == "score" and fresh is not None:
+            log.warning("%s: no %s; the scalar head starts from random init", path, hf_name)
+            host = np.asarray(fresh()[ours][...])
+        else:
+            raise ValueError(f"{path}: tensor {hf_name} is missing (needed for {ours}); "
+                             f"is config.json from the same model as the weights?")
+    else:
+        w = ckpt.get(hf_name)
+        expected = _expected_hf_shape(kind, shape)
+        if tuple(w.shape) != expected:
+            raise ValueError(f"{path}: tensor {hf_name} in {os.path.basename(ckpt.files[hf_name])} has shape "
+                             f"{tuple(w.shape)} but config.json implies {expected}")
+        host = _to_ours(kind, w, shape)
+    host = np.asarray(host).astype(dtype)
+    return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: host[idx])
 
 
 def _host_value(x: jax.Array) -> np.ndarray:
@@ -241,17 +296,21 @@ def export_hf(model: Decoder, path: str, *, dtype: str | None = None,
     """
     config: ModelConfig = model.config
     dtype = dtype or config.param_dtype
-    names = _param_names(config)
-    flat = _flat_paths(nnx.state(model, nnx.Param))
+    names = _layout_names(config)
+    # One entry per HF tensor: (our path, layer of a stack or None).
+    flat_params = _flat_paths(nnx.state(model, nnx.Param))
+    entries = [(ours, g if ours.startswith("layers.") else None)
+               for ours in flat_params for g in range(len(names[ours][0]))]
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    sizes = {ours: int(np.prod(v.shape)) * np_dtype.itemsize for ours, v in flat.items()}
+    shape_of = lambda ours, g: flat_params[ours].shape[1:] if g is not None else flat_params[ours].shape  # noqa: E731
+    sizes = {entry: int(np.prod(shape_of(*entry))) * np_dtype.itemsize for entry in entries}
     shards, current, current_bytes = [], [], 0
-    for ours in flat:  # plan the files first so their names can say "of N"
-        if current and current_bytes + sizes[ours] > max_shard_bytes:
+    for entry in entries:  # plan the files first so their names can say "of N"
+        if current and current_bytes + sizes[entry] > max_shard_bytes:
             shards.append(current)
             current, current_bytes = [], 0
-        current.append(ours)
-        current_bytes += sizes[ours]
+        current.append(entry)
+        current_bytes += sizes[entry]
     shards.append(current)
     writer = jax.process_index() == 0
     if writer:
@@ -262,10 +321,13 @@ def export_hf(model: Decoder, path: str, *, dtype: str | None = None,
     for n, group in enumerate(shards, 1):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
-        for ours in group:
-            hf_name, kind = names[ours]
-            tensors[hf_name] = _to_hf(kind, _host_value(flat[ours][...]).astype(np_dtype))
-            weight_map[hf_name] = filename
+        for ours, g in group:
+            hf_names, kind = names[ours]
+            value = flat_params[ours][...]
+            # One layer of a stack at a time: host memory stays near one HF tensor.
+            host = _host_value(value if g is None else value[g]).astype(np_dtype)
+            tensors[hf_names[g or 0]] = _to_hf(kind, host)
+            weight_map[hf_names[g or 0]] = filename
         if writer:
             save_file(tensors, os.path.join(path, filename), metadata={"format": "pt"})
     if writer and len(shards) > 1:

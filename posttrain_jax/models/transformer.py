@@ -21,6 +21,7 @@ from posttrain_jax.models.attention import attention, attention_mask, xla_attent
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
 from posttrain_jax.models.embedding import embed_lookup
 from posttrain_jax.models.lora import project
+from posttrain_jax.models.stacking import layer_groups, stack_modules
 from posttrain_jax.sharding import constrain
 
 
@@ -85,24 +86,23 @@ class RMSNorm(nnx.Module):
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys/values for every layer plus the segment id of every slot.
+    """Preallocated keys/values of every layer, stacked, plus the segment id of every slot.
 
     `end` is the number of slots written so far (shared by the batch: prompts are
     padded to one length, padding slots carry segment id 0 and are never attended).
+    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not).
     """
 
-    keys: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    values: jax.Array
     segment_ids: jax.Array  # [batch, max_len]
     end: jax.Array  # int32 scalar
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
-        return cls(keys=tuple(zeros() for _ in range(config.num_layers)),
-                   values=tuple(zeros() for _ in range(config.num_layers)),
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
 
 
@@ -215,11 +215,43 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed")), cache_kv
 
 
-def _run_block(block: Block, x, positions, segment_ids, cache_kv, cache_segments, start):
-    return block(x, positions, segment_ids, cache_kv, cache_segments, start)
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name (see `config.REMAT_POLICIES`)."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots":
+        return policies.checkpoint_dots
+    if name == "dots_no_batch":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat {name!r} has no checkpoint policy (one of full, dots, dots_no_batch, offload)")
 
 
-_run_block_remat = nnx.remat(_run_block)
+def _layer_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
+    """Pure (block state, x, ..., layer kv) -> (x, layer kv) for one block, rematerialised per `remat`."""
+
+    def run(state, x, positions, segment_ids, kv, cache_segments, start):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids, kv, cache_segments, start)
+
+    if remat == "none":
+        return run
+    # Inside a scan the loop already keeps XLA from merging forward and recomputed ops.
+    return jax.checkpoint(run, policy=remat_policy(remat), prevent_cse=not in_scan)
+
+
+def _layer_kv(cache_kv, layer):
+    """Layer `layer`'s (keys, values) of the stacked cache (`layer` may be traced)."""
+    if cache_kv is None:
+        return None
+    return tuple(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache_kv)
+
+
+def _put_layer_kv(cache_kv, layer_kv, layer):
+    if cache_kv is None:
+        return None
+    return tuple(jax.lax.dynamic_update_index_in_dim(c, u, layer, 0) for c, u in zip(cache_kv, layer_kv))
 
 
 class Decoder(nnx.Module):
@@ -229,7 +261,14 @@ class Decoder(nnx.Module):
         c, pd = config, config.param_dtype
         self.config = c
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
-        self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        # Created in layer order whatever the layout, so one seed gives the same weights scanned or not.
+        blocks = [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
+        if c.scan_layers:  # layout: see models/stacking.py
+            period, groups = layer_groups(c)
+            self.layers = nnx.List([stack_modules(blocks[j:period * groups:period]) for j in range(period)])
+            self.tail = nnx.List(blocks[period * groups:])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(c.hidden_size, c, rngs=rngs)
         if c.head == "scalar":
             self.score = _param(rngs, (c.hidden_size, 1), ("embed", None), pd)
@@ -252,17 +291,51 @@ class Decoder(nnx.Module):
             start = cache.end
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                           (0, start))
-        run = _run_block_remat if c.remat else _run_block
-        keys, values = [], []
-        for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = run(block, x, positions, segment_ids, kv, cache_segments, start)
-            if cache is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
+        kv = None if cache is None else (cache.keys, cache.values)
+        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start)
         if cache is not None:
-            cache = KVCache(tuple(keys), tuple(values), cache_segments, cache.end + tokens.shape[1])
+            cache = KVCache(kv[0], kv[1], cache_segments, cache.end + tokens.shape[1])
         return self.final_norm(x), cache
+
+    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start):
+        """All blocks over x [batch, length, hidden]; cache_kv is None or the stacked (keys, values)."""
+        c = self.config
+        remat = c.remat if cache_kv is None else "none"  # a cache means inference: nothing to save
+        args = (positions, segment_ids)
+        if not c.scan_layers:
+            for i, block in enumerate(self.blocks):
+                graphdef, state = nnx.split(block)
+                x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, i),
+                                                          cache_segments, start)
+                cache_kv = _put_layer_kv(cache_kv, kv, i)
+            return x, cache_kv
+        period, groups = layer_groups(c)
+        graphdefs, states = zip(*(nnx.split(stack) for stack in self.layers))
+        layer_fns = [_layer_fn(graphdef, remat, True) for graphdef in graphdefs]
+
+        def group(carry, group_states):
+            x, cache_kv, first = carry
+            for j, (fn, state) in enumerate(zip(layer_fns, group_states)):
+                x, kv = fn(state, x, *args, _layer_kv(cache_kv, first + j), cache_segments, start)
+                cache_kv = _put_layer_kv(cache_kv, kv, first + j)
+            return (x, cache_kv, first + period), None
+
+        (x, cache_kv, _), _ = jax.lax.scan(group, (x, cache_kv, jnp.zeros((), jnp.int32)), states)
+        for k, block in enumerate(self.tail):
+            graphdef, state = nnx.split(block)
+            layer = period * groups + k
+            x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, layer),
+                                                      cache_segments, start)
+            cache_kv = _put_layer_kv(cache_kv, kv, layer)
+        return x, cache_kv
+
+    def head_kernel(self) -> tuple[jax.Array, bool]:
+        """(LM head kernel in the compute dtype, True if it is the tied [vocab, hidden] embedding
+        rather than an untied [hidden, vocab] kernel), for `losses.logprobs.lm_head_logprobs`."""
+        c = self.config
+        if c.tie_embeddings:
+            return self.embed[...].astype(c.dtype), True
+        return self.lm_head[...].astype(c.dtype), False
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """LM logits [batch, length, vocab] (or scalars [batch, length] for a scalar head)."""

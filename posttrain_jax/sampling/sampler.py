@@ -31,7 +31,7 @@ from posttrain_jax.sampling.strategies import SamplingParams, choose_tokens
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, constrain, logical_rules, logical_to_spec, normalize_rules
 
 log = logging.getLogger(__name__)
-_KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 _SLOT_AXES = ("batch", "cache_length")
 
 
@@ -58,8 +58,7 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    return cache.replace(keys=tuple(constrain(k, _KV_AXES) for k in cache.keys),
-                         values=tuple(constrain(v, _KV_AXES) for v in cache.values),
+    return cache.replace(keys=constrain(cache.keys, _KV_AXES), values=constrain(cache.values, _KV_AXES),
                          segment_ids=constrain(cache.segment_ids, _SLOT_AXES))
 
 
@@ -75,14 +74,16 @@ def make_generate(graphdef: nnx.GraphDef, params: SamplingParams):
         prompts, prompt_len = tokens.shape
 
         # Prefill each prompt once, into a prompt-sized cache, then copy it to its n rows.
-        small = KVCache.init(model.config, prompts, prompt_len, dtype=cache.keys[0].dtype)
+        small = KVCache.init(model.config, prompts, prompt_len, dtype=cache.keys.dtype)
         hidden, small = model.hidden_states(tokens, positions, mask, small)
         logits = model.head(hidden[:, -1:])  # only the last slot's logits are needed
-        repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-        write = lambda big, part: jax.lax.dynamic_update_slice(big, repeat(part), (0,) * big.ndim)  # noqa: E731
+        repeat = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731
+
+        def write(big, part, batch_axis=0):
+            return jax.lax.dynamic_update_slice(big, repeat(part, batch_axis), (0,) * big.ndim)
+
         cache = _constrain_cache(KVCache(
-            keys=tuple(write(b, s) for b, s in zip(cache.keys, small.keys)),
-            values=tuple(write(b, s) for b, s in zip(cache.values, small.values)),
+            keys=write(cache.keys, small.keys, 1), values=write(cache.values, small.values, 1),
             segment_ids=write(jnp.zeros_like(cache.segment_ids), small.segment_ids),
             end=jnp.asarray(prompt_len, jnp.int32)))
         rows = prompts * n
@@ -175,15 +176,14 @@ class Sampler:
             return cache
         self._cache = None
         c = self.config
-        shape = (rows, max_len, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, rows, max_len, c.num_kv_heads, c.head_dim)
         kv, slots = self._sharding(_KV_AXES), self._sharding(_SLOT_AXES)
 
         def zeros(shape, dtype, sharding):
             # Committed like the cache the program hands back: an uncommitted first cache would make the
             # second call (with the returned, committed one) compile the program again.
             return jnp.zeros(shape, dtype, device=sharding if sharding is not None else jax.devices()[0])
-        return KVCache(keys=tuple(zeros(shape, self.cache_dtype, kv) for _ in range(c.num_layers)),
-                       values=tuple(zeros(shape, self.cache_dtype, kv) for _ in range(c.num_layers)),
+        return KVCache(keys=zeros(shape, self.cache_dtype, kv), values=zeros(shape, self.cache_dtype, kv),
                        segment_ids=zeros((rows, max_len), jnp.int32, slots),
                        end=zeros((), jnp.int32, self._sharding(())))
 

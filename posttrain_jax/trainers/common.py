@@ -8,6 +8,7 @@ import logging
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 from flax import nnx
 
 from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, abstract_target, load_params, read_metadata,
@@ -28,7 +29,10 @@ def model_config() -> ml_collections.ConfigDict:
         checkpoint="",  # ... or a run checkpoint (its params)
         dtype="float32",  # compute dtype; bfloat16 on TPU
         param_dtype="float32",  # master weights
-        remat=False,
+        # What each block saves for the backward pass: none | full | dots | dots_no_batch | offload
+        # (models/config.py REMAT_POLICIES says when to use which); True / False still mean full / none.
+        remat=config_dict.FieldReference("none", field_type=object),
+        scan_layers=True,  # one lax.scan over the stacked layers; False: the unrolled per-layer oracle
         # Attention kernel: auto (splash on TPU, cuDNN on GPU where it applies, else xla / blocked
         # for long rows) | xla | blocked | splash | cudnn; see posttrain_jax/models/attention.py.
         attention="auto",
@@ -93,10 +97,12 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head:
 
 def _build_plain(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
                  vocab_size: int | None = None) -> Decoder:
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.attention)
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                    scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"))
     if cfg.hf_path:
         return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
-                       compute_dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+                       compute_dtype=cfg.dtype, remat=cfg.remat, scan_layers=numerics["scan_layers"],
+                       attention=numerics["attention"])
     if cfg.checkpoint:
         step_dir = resolve_step_dir(cfg.checkpoint)
         meta = read_metadata(step_dir) or {}

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from posttrain_jax.losses.distill import teacher_topk, token_divergence_from_hidden, topk_divergence_from_hidden
-from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import AGGREGATIONS, sft_token_weights
 from posttrain_jax.sharding import batch_sharding
 from posttrain_jax.trainers.rollout import training_batch
@@ -51,7 +51,7 @@ def make_distill_objective(aggregation: str, *, beta: float, temperature: float,
         per_token = div
         sums = {"divergence_sum": jnp.sum(div * mask), "loss_tokens": jnp.sum(mask)}
         if sft_weight:
-            nll = -token_logprobs_from_hidden(model.head, hidden, mb["targets"], loss_chunk_size)
+            nll = -lm_head_logprobs(model, hidden, mb["targets"], chunk_size=loss_chunk_size).logps
             per_token = per_token + sft_weight * nll
             sums["nll_sum"] = jnp.sum(nll * mask)
         return jnp.sum(per_token * weights), sums

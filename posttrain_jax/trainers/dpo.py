@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
-from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.models.lora import base_graphdef, has_adapters
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
@@ -66,7 +66,7 @@ def make_pair_logps(graphdef, *, pairs_per_row: int, loss_chunk_size: int | None
     def pair_logps(params, batch):
         model = nnx.merge(graphdef, params) if not isinstance(params, nnx.Module) else params
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-        logp = token_logprobs_from_hidden(model.head, hidden, batch["targets"], loss_chunk_size)
+        logp = lm_head_logprobs(model, hidden, batch["targets"], chunk_size=loss_chunk_size).logps
         ids, num_pairs = batch_sequence_ids(batch["segment_ids"], pairs_per_row)
         return sequence_logps(logp, batch["loss_mask"], ids, num_pairs)
     return pair_logps
@@ -213,7 +213,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         sft_iter, _ = make_eval_pipeline([SourceSpec(config.data.sft_eval_path)], tokenizer,
                                          template=config.chat_template, seq_len=config.data.seq_len,
                                          global_batch=2 * t.global_pairs, packing=False)
-        exact = make_eval_fn(graphdef, rules, mesh)
+        exact = make_eval_fn(graphdef, rules, mesh, chunk_size=chunk)
         pairs_eval = evaluate
         evaluate = lambda p: {**(pairs_eval(p) if pairs_eval else {}),  # noqa: E731
                               **{f"answers_{k}": v for k, v in exact(p, eval_iter=sft_iter).items()}}

@@ -27,7 +27,7 @@ def load_checkpoint_model(path: str, *, mesh=None, ema: bool = False, step: int 
     params_key = "ema_params" if ema else "params"
     if LORA_KEY in meta:
         numerics = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-                        attention=config.attention)
+                        attention=config.attention, scan_layers=config.scan_layers)
         return load_adapter_run(step_dir, meta, mesh, DEFAULT_RULES, head=config.head, numerics=numerics,
                                 params_key=params_key,
                                 build_base=lambda section, seed, head: build_model(section, mesh, DEFAULT_RULES,

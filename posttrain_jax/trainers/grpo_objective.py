@@ -13,36 +13,28 @@ import jax
 import jax.numpy as jnp
 
 from posttrain_jax.losses.grpo import grpo_denominator, grpo_metric_sums, grpo_token_loss, grpo_token_weights
-from posttrain_jax.losses.grpo import token_entropy
-from posttrain_jax.losses.logprobs import token_logprobs, token_logprobs_from_hidden
-
-
-def _scaled_head(model, temperature: float):
-    return lambda h: model.head(h).astype(jnp.float32) / temperature
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 
 
 def sequence_token_logps(model, batch, *, temperature: float = 1.0, chunk_size: int | None = None) -> jax.Array:
     """log p(targets) [rows, length] under `model` (no gradient needed: old policy, reference)."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, batch["targets"], chunk_size)
+    return lm_head_logprobs(model, hidden, batch["targets"], temperature=temperature, chunk_size=chunk_size).logps
 
 
 def make_grpo_objective(*, aggregation: str, epsilon_low: float, epsilon_high: float, beta: float,
                         kl_estimator: str, temperature: float, chunk_size: int | None = None):
     """`objective(model, micro_batch, context) -> (sum of weighted token losses, metric sums)`.
 
-    Entropy is reported when logits are materialised whole (no `chunk_size`).
+    Log-probs and the (gradient-free) entropy metric come from the fused LM head; `chunk_size`
+    None/0 picks the chunk.
     """
 
     def objective(model, mb, context=None):
         hidden, _ = model.hidden_states(mb["tokens"], mb["positions"], mb["segment_ids"])
-        extra = {}
-        if chunk_size:
-            logps = token_logprobs_from_hidden(_scaled_head(model, temperature), hidden, mb["targets"], chunk_size)
-        else:
-            logits = _scaled_head(model, temperature)(hidden)
-            logps = token_logprobs(logits, mb["targets"])
-            extra["entropy"] = token_entropy(jax.lax.stop_gradient(logits))
+        out = lm_head_logprobs(model, hidden, mb["targets"], temperature=temperature, chunk_size=chunk_size,
+                               with_entropy=True)
+        logps, extra = out.logps, {"entropy": jax.lax.stop_gradient(out.entropy)}
         mask = mb["loss_mask"].astype(jnp.float32)
         loss, terms = grpo_token_loss(logps, mb.get("old_logps"), mb["advantages"], mask, epsilon_low=epsilon_low,
                                       epsilon_high=epsilon_high, beta=beta, ref_logps=mb.get("ref_logps"),

@@ -19,7 +19,7 @@ from flax import nnx
 from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
 from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
-from posttrain_jax.losses.logprobs import token_logprobs
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
 from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sharding import logical_rules, shard_batch
@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
         global_batch=32,  # rows per step across all devices and accumulation steps
         loss_aggregation="token_mean",  # sum | token_mean | sequence_mean | mean_per_microbatch
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
-        loss_chunk_size=0,  # >0: LM head + softmax over sequence chunks (large vocabularies)
+        loss_chunk_size=0,  # sequence positions per fused LM-head chunk; 0 = automatic (see losses/logprobs.py)
     )
     c.optim = runner.optimizer_config()
     c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
@@ -80,7 +80,7 @@ def _quickstart_data(config) -> None:
         config.data.eval_path = os.path.join(directory, "eval.jsonl")
 
 
-def make_eval_fn(graphdef, rules, mesh):
+def make_eval_fn(graphdef, rules, mesh, *, chunk_size: int | None = None):
     """Jitted sums over one eval batch: NLL, loss tokens, sequences, exactly-right sequences.
 
     A sequence is exactly right when every trained token is the argmax given the
@@ -88,10 +88,12 @@ def make_eval_fn(graphdef, rules, mesh):
     """
     @jax.jit
     def sums(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"])
+        model = nnx.merge(graphdef, params)
+        hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        out = lm_head_logprobs(model, hidden, batch["targets"], chunk_size=chunk_size, with_max=True)
         mask = batch["loss_mask"].astype(jnp.float32)
-        nll = -token_logprobs(logits, batch["targets"])
-        wrong = mask * (jnp.argmax(logits, -1) != batch["targets"])
+        nll = -out.logps
+        wrong = mask * (out.logps < out.max_logps)  # the target is not the greedy (argmax) token
         per_seq = mask / jnp.maximum(_sequence_token_counts(mask, batch["segment_ids"]), 1.0)
         all_right = _sequence_token_counts(wrong, batch["segment_ids"]) == 0
         return {"nll_sum": jnp.sum(nll * mask), "loss_tokens": jnp.sum(mask), "sequences": jnp.sum(per_seq),
@@ -143,7 +145,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                         lora=config.lora)
     evaluate = None
     if config.data.eval_path:
-        eval_fn = make_eval_fn(nnx.graphdef(model), rules, mesh)
+        eval_fn = make_eval_fn(nnx.graphdef(model), rules, mesh, chunk_size=t.loss_chunk_size or None)
         eval_iter, _ = make_eval_pipeline([SourceSpec(config.data.eval_path)], tokenizer, packing=False, **common)
         extra = {name: make_eval_pipeline([SourceSpec(path)], tokenizer, packing=False, **common)[0]
                  for name, path in dict(config.data.extra_eval_paths).items()}

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from posttrain_jax.models import ModelConfig, abstract_model, from_hf_config, preset, to_hf_config
-from posttrain_jax.models.hf import _expected_hf_shape, _flat_paths, _param_names
+from posttrain_jax.models.hf import _expected_hf_shape, _flat_paths, _layout_names
 
 # Published parameter counts (model cards), to catch a wrong preset number.
 PUBLISHED = {"llama3.2-1b": 1.24e9, "llama3.2-3b": 3.21e9, "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.6e9,
@@ -16,8 +16,9 @@ PUBLISHED = {"llama3.2-1b": 1.24e9, "llama3.2-3b": 3.21e9, "llama3.1-8b": 8.03e9
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED) + ["bench-small", "tiny-gemma3", "tiny-qwen2"])
-def test_preset_matches_transformers_architecture(name):
-    config = preset(name)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_preset_matches_transformers_architecture(name, scan_layers):
+    config = preset(name, scan_layers=scan_layers)
     hf = to_hf_config(config)
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     with torch.device("meta"):
@@ -25,12 +26,15 @@ def test_preset_matches_transformers_architecture(name):
     hf_shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
     _, abstract = abstract_model(config)
     ours = _flat_paths(abstract)
-    names = _param_names(config)
+    names = _layout_names(config)
     for path, var in ours.items():
-        hf_name, kind = names[path]
-        assert hf_shapes[hf_name] == _expected_hf_shape(kind, var.shape), (path, hf_name)
+        hf_names, kind = names[path]
+        stacked = path.startswith("layers.")
+        assert len(hf_names) == (var.shape[0] if stacked else 1), path
+        for hf_name in hf_names:  # a stack's leading axis is the layer
+            assert hf_shapes[hf_name] == _expected_hf_shape(kind, var.shape[1:] if stacked else var.shape), path
     tied = {"lm_head.weight"} if config.tie_embeddings else set()
-    assert set(hf_shapes) - tied == {hf_name for hf_name, _ in names.values()}
+    assert set(hf_shapes) - tied == {hf_name for hf_names, _ in names.values() for hf_name in hf_names}
     count = sum(int(np.prod(v.shape)) for v in ours.values())
     assert count == config.num_params() == sum(p.numel() for p in hf_model.parameters())
     if name in PUBLISHED:
