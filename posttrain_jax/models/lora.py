@@ -58,7 +58,7 @@ NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha (scale alpha/r), targets (regex searched in paths like `blocks.3.attn.q`),
+    """rank r, alpha (scale alpha/r), targets (regex searched in paths like `layers.0.attn.q`, `blocks.3.attn.q`),
     dropout on the adapter input, quantize_base none | int8 | nf4."""
 
     rank: int = 16
@@ -229,8 +229,12 @@ def add_adapters(model: nnx.Module, cfg: LoraConfig, *, mesh: Mesh | None = None
             setattr(module, name + "_lora_b", nnx.LoRAParam(b, logical_axes=b_axes))
             adapted.append(path)
     if not adapted:
-        raise ValueError(f"lora.targets {cfg.targets!r} matches no projection; paths look like "
-                         f"'blocks.0.attn.q' or 'blocks.0.mlp.down'")
+        scanned = not hasattr(model, "blocks")
+        raise ValueError(
+            f"lora.targets {cfg.targets!r} matches no projection; paths look like "
+            + ("'layers.0.attn.q' (a stack of scanned layers) or 'tail.0.mlp.down'; per-layer targets "
+               "('blocks.<i>...') need model.scan_layers=False" if scanned
+               else "'blocks.0.attn.q' or 'blocks.0.mlp.down'"))
     return adapted
 
 

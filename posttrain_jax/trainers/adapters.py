@@ -32,7 +32,7 @@ def lora_section() -> ml_collections.ConfigDict:
         enabled=False,
         rank=16,
         alpha=32.0,  # adapters are scaled by alpha / rank
-        targets=DEFAULT_TARGETS,  # regex searched in projection paths such as "blocks.3.attn.q"
+        targets=DEFAULT_TARGETS,  # regex over projection paths: "layers.0.attn.q" (scanned), "blocks.3.attn.q"
         dropout=0.0,  # on each adapter's input during training
         quantize_base="none",  # none | int8 | nf4 (QLoRA): the frozen projections, quantized once at load
         adapter="",  # continue from a PEFT adapter directory (its rank / alpha / targets win)
