@@ -182,7 +182,7 @@ def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None, b
     (never closed over, never donated, never copied).
     """
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    if frozen is None:
+    if frozen is None and base is None:
         return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
     frozen_sharding = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
