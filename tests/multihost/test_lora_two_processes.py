@@ -7,6 +7,7 @@ import pytest
 
 from posttrain_jax.checkpointing import load_params
 from posttrain_jax.data import synthetic
+from tests.multihost import test_two_processes
 from tests.multihost.test_two_processes import (LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, STEPS, _args, _env, _finish,
                                                 _free_port, _launch, _losses, _max_rel)
 
@@ -24,7 +25,12 @@ def runs(tmp_path_factory):
     procs = [_launch(_args(data, one, *LORA), _env(8, cache), root / "one.log")]
     procs += [_launch(_args(data, two, *LORA, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                             "--process-id", str(i)), _env(4, cache), root / f"two_{i}.log") for i in range(2)]
-    (rc_one, err_one), (rc0, err0), (rc1, err1) = _finish(procs)
+    # Three concurrent processes each compile the nf4 quantization and the LoRA step: more time than plain SFT.
+    timeout, test_two_processes.TIMEOUT_S = test_two_processes.TIMEOUT_S, 2 * test_two_processes.TIMEOUT_S
+    try:
+        (rc_one, err_one), (rc0, err0), (rc1, err1) = _finish(procs)
+    finally:
+        test_two_processes.TIMEOUT_S = timeout
     assert rc_one == 0, err_one[-3000:]
     assert rc0 == 0 and rc1 == 0, f"process 0:\n{err0[-3000:]}\nprocess 1:\n{err1[-3000:]}"
     return one, two
