@@ -21,7 +21,7 @@ from pathlib import Path
 
 COLAB_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = COLAB_DIR / "src"
-NOTEBOOKS = ("sft_quickstart", "tulu3_loss_ablation", "dpo", "grpo")
+NOTEBOOKS = ("sft_quickstart", "tulu3_loss_ablation", "dpo", "grpo", "lora_sft")
 
 _INSTALL = '''\
 # Installation. On Colab: the package from a wheel you uploaded or from SOURCE, plus jax[tpu] on a TPU runtime.

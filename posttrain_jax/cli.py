@@ -12,7 +12,7 @@
     posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
-    posttrain-jax export --checkpoint D --out HF_DIR
+    posttrain-jax export --checkpoint D --out HF_DIR [--peft]
     posttrain-jax ablate [--config configs/tulu3/loss_ablation.py] [--fast]   # Tülu 3 loss-aggregation grid
     posttrain-jax compile {sft,rm,dpo,grpo} --topology v5p-16 [--config FILE] [--per-chip-batch N] ...
                                                  # AOT-compile the train step for a TPU slice: bytes per chip
@@ -88,9 +88,11 @@ def _export(argv: list[str]) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
     parser.add_argument("--ema", action="store_true", help="export the EMA params instead of the live ones")
+    parser.add_argument("--peft", action="store_true",
+                        help="a LoRA run: write its adapters as a PEFT adapter directory (default: merged weights)")
     args = parser.parse_args(argv)
-    export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, ema=args.ema)
-    print(f"wrote a Hugging Face checkpoint to {args.out}")
+    export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, ema=args.ema, peft=args.peft)
+    print(f"wrote a {'PEFT adapter' if args.peft else 'Hugging Face checkpoint'} to {args.out}")
 
 
 def _score(argv: list[str]) -> None:

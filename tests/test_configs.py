@@ -63,3 +63,12 @@ def test_tulu3_recipes():
     assert (dpo8.train.loss_type, dpo8.train.beta, dpo8.optim.learning_rate, dpo8.train.global_pairs,
             dpo8.optim.warmup_ratio, dpo8.train.nll_coef) == ("dpo_norm", 5.0, 5e-7, 128, 0.1, 0.0)
     assert len(CONFIGS) >= 8
+
+
+def test_lora_quickstart_variants():
+    path = os.path.join(ROOT, "configs/quickstart/sft_lora.py")
+    quick, gemma = load_config(path), load_config(path + ":gemma3")
+    for config in (quick, gemma):
+        check_keys(config, sft.default_config())
+        assert config.lora.enabled and config.lora.rank == 16
+    assert (quick.lora.quantize_base, gemma.lora.quantize_base, gemma.chat_template) == ("none", "nf4", "gemma")

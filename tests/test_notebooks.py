@@ -171,3 +171,13 @@ def test_grpo_notebook(workdir):
     assert _images(nb) >= 1
     rows = _metrics(workdir / "runs" / "grpo-quickstart-fast" / "metrics.jsonl")
     assert any("train/reward_mean" in r for r in rows) and any("eval/accuracy" in r for r in rows)
+
+
+def test_lora_sft_notebook(workdir):
+    nb, _ = run_notebook("lora_sft", workdir)
+    rows = _metrics(workdir / "runs" / "lora-sft-fast" / "metrics.jsonl")
+    train = [r for r in rows if "train/loss" in r]
+    assert len(train) == 8 and train[-1]["train/loss"] < train[0]["train/loss"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "trained parameters:" in text and "greedy decoding:" in text
+    assert (workdir / "runs" / "lora-sft-fast" / "peft_adapter" / "adapter_config.json").exists()

@@ -83,6 +83,15 @@ def _check_same_model(sources: list[epath.Path], metas: list[dict | None]) -> No
         if difference:
             raise ValueError(f"cannot average checkpoints of different models: {sources[0]} (first) and "
                              f"{source} (second) differ in {MODEL_CONFIG_KEY}: {difference}")
+    # Adapter checkpoints (LoRA runs) average their A and B factors leaf by leaf: only meaningful for
+    # adapters of one base with the same LoRA config, which is what is checked here.
+    loras = [(meta or {}).get("lora") for meta in metas]
+    for source, lora in zip(sources[1:], loras[1:]):
+        difference = _first_difference(loras[0], lora) if loras[0] is not None and lora is not None else (
+            None if loras[0] is None and lora is None else "one is a LoRA (adapter) checkpoint, the other is not")
+        if difference:
+            raise ValueError(f"cannot average {sources[0]} with {source}: their LoRA adapters differ "
+                             f"(base or config): {difference}")
 
 
 def _check_same_tree(sources: list[epath.Path], trees: list[dict[str, StoredLeaf]]) -> None:

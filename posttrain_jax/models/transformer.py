@@ -20,6 +20,7 @@ from flax import nnx, struct
 from posttrain_jax.models.attention import attention, attention_mask, xla_attention
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
 from posttrain_jax.models.embedding import embed_lookup
+from posttrain_jax.models.lora import project
 from posttrain_jax.models.stacking import layer_groups, stack_modules
 from posttrain_jax.sharding import constrain
 
@@ -128,7 +129,7 @@ class Attention(nnx.Module):
 
     def _project(self, x, name):
         c = self.config
-        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(c.dtype))
+        y = project(self, name, x, "btd,dhk->bthk", c.dtype)
         if c.qkv_bias:
             y = y + getattr(self, name + "_bias")[...].astype(c.dtype)
         return y
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
         whole_row = cache_kv is None or k.shape[1] == length
         mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
         out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
-        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c.dtype))
+        out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)
         return out, cache_kv
@@ -186,12 +187,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         c = self.config
-        gate, up = x @ self.gate[...].astype(c.dtype), x @ self.up[...].astype(c.dtype)
+        gate, up = project(self, "gate", x, "btd,dm->btm", c.dtype), project(self, "up", x, "btd,dm->btm", c.dtype)
         if c.mlp_bias:
             gate, up = gate + self.gate_bias[...].astype(c.dtype), up + self.up_bias[...].astype(c.dtype)
         act = jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         hidden = constrain(act * up, ("batch", "length", "mlp"))
-        out = hidden @ self.down[...].astype(c.dtype)
+        out = project(self, "down", hidden, "btm,md->btd", c.dtype)
         return out + self.down_bias[...].astype(c.dtype) if c.mlp_bias else out
 
 

@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 
 from posttrain_jax.checkpointing.averaging import ema_update
+from posttrain_jax.models.lora import set_dropout_keys
 from posttrain_jax.sharding import constrain
 
 
@@ -36,13 +37,17 @@ class TrainState:
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0, ema: bool = False,
-                     mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
-    """Split the model and build the optimizer state next to each (sharded) parameter.
+                     mesh: jax.sharding.Mesh | None = None, trainable=nnx.Param) -> tuple[nnx.GraphDef, TrainState]:
+    """Split the model and build the optimizer state next to each (sharded) trainable parameter.
 
+    `trainable` filters what is trained (default: every Param); with LoRA it is the
+    adapters (`posttrain_jax.models.lora.trainable_filter`), and the rest is the frozen
+    state (`frozen_state`) passed to the step as an argument, never held in the run state,
+    its optimizer moments or its checkpoints.
     With a mesh, scalars (step, RNG) are replicated on it so the whole state
     lives on the mesh the step is compiled for.
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, _ = nnx.split(model, trainable, ...)
     # Eager init: zeros_like keeps each parameter's sharding for its moments (under
     # jit they would land on one device).
     opt_state = tx.init(params)
@@ -60,6 +65,12 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
 
         state = jax.tree.map(on_mesh, state)
     return graphdef, state
+
+
+def frozen_state(model: nnx.Module, trainable=nnx.Param) -> nnx.State | None:
+    """Everything `init_train_state(..., trainable=...)` does not train; None when that is nothing."""
+    _, _, rest = nnx.split(model, trainable, ...)
+    return rest if jax.tree.leaves(rest) else None
 
 
 def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shards: int) -> dict[str, jax.Array]:
@@ -81,37 +92,51 @@ def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shard
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
-                 denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1):
-    """`grads(params, batch) -> (grads, metrics)` for a whole global batch, divided once."""
+                 denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
+                 dropout: bool = False):
+    """`grads(params, batch, frozen=None, base=None, rng=None) -> (grads, metrics)` for a whole global batch,
+    divided once.
 
-    def grads_fn(params, batch, frozen=None):
+    `frozen` (e.g. a teacher's params) reaches the objective as `context["frozen"]`; `base` (LoRA: the
+    frozen base weights) joins the params in the model. No gradient flows to either.
+    With `dropout` (LoRA dropout), `rng` (a typed key) gives each micro-batch its own masks.
+    """
+
+    def grads_fn(params, batch, frozen=None, base=None, rng=None):
+        extra = () if base is None else (base,)
         context = denominator(batch)
         context = dict(context) if isinstance(context, dict) else {"denominator": context}
         if frozen is not None:
             context["frozen"] = frozen
         denom = context["denominator"]
 
-        def micro_grads(params, micro):
+        def micro_grads(params, micro, key=None):
             def loss(p):
-                return objective(nnx.merge(graphdef, p), micro, context)
+                model = nnx.merge(graphdef, p, *extra)
+                if dropout and key is not None:
+                    set_dropout_keys(model, key)
+                return objective(model, micro, context)
             return jax.value_and_grad(loss, has_aux=True)(params)
 
         micro = split_microbatches(batch, accum_steps, data_shards)
+        keys = None if rng is None else jax.random.split(rng, accum_steps)
         if accum_steps == 1:
-            (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro))
+            (total, sums), grads = micro_grads(params, jax.tree.map(lambda x: x[0], micro),
+                                               None if keys is None else keys[0])
         else:
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(lambda: micro_grads(params, first)[0][1])
             init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros(()),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, t_acc, s_acc = carry
-                (t, s), g = micro_grads(params, mb)
+                mb, key = xs
+                (t, s), g = micro_grads(params, mb, key)
                 add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
                 return (jax.tree.map(add, g_acc, g), t_acc + t, jax.tree.map(add, s_acc, s)), None
 
-            (grads, total, sums), _ = jax.lax.scan(body, init, micro)
+            (grads, total, sums), _ = jax.lax.scan(body, init, (micro, keys))
         grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
         return grads, {"loss": total / denom, "denominator": denom, **sums}
 
@@ -121,12 +146,17 @@ def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     objective: Callable[[nnx.Module, dict, dict], tuple[jax.Array, dict]],
                     denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1,
-                    ema_decay: float | None = None, schedule: optax.Schedule | None = None):
-    """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
-    grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)
+                    ema_decay: float | None = None, schedule: optax.Schedule | None = None, dropout: bool = False):
+    """Build `train_step(state, batch, frozen=None, base=None) -> (state, metrics)` (not yet jitted).
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
-        grads, metrics = grads_fn(state.params, batch, frozen)
+    `dropout`: draw LoRA dropout masks from the state's RNG (a fresh key every step).
+    """
+    grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards,
+                            dropout=dropout)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None, base=None):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1) if dropout else None
+        grads, metrics = grads_fn(state.params, batch, frozen, base, step_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -142,16 +172,41 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None):
+def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None, base=None):
     """Compile with the state's own shardings in and out, donating the old state.
 
     With `frozen` (a pytree of arrays, e.g. a teacher's params), the step takes it as a third argument
     in its own shardings (not donated).
+    With `base` (LoRA's frozen base weights) the result is `step(state, batch[, frozen])` calling the
+    jitted `train_step(state, batch, frozen, base)`: the base is an argument in its own shardings
+    (never closed over, never donated, never copied).
     """
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    if frozen is None:
+    if frozen is None and base is None:
         return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=0)
-    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    frozen_sharding = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    if base is None:
+        return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding,
+                                               jax.tree.map(lambda x: x.sharding, base)),
+                     out_shardings=(state_sharding, None), donate_argnums=0)
+    return WithBase(jitted, base)
+
+
+class WithBase:
+    """`step(state, batch, frozen=None)` for a jitted `fn(state, batch, frozen, base)` with `base` bound;
+    `_cache_size()` counts its compilations."""
+
+    def __init__(self, jitted, base):
+        self.jitted, self.base = jitted, base
+
+    def __call__(self, state, batch, frozen=None):
+        return self.jitted(state, batch, frozen, self.base)
+
+    def lower(self, state, batch, frozen=None):
+        return self.jitted.lower(state, batch, frozen, self.base)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()

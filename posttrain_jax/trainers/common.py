@@ -16,6 +16,7 @@ from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, abstract_target, load
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import Decoder, create_model, load_hf, preset
 from posttrain_jax.sharding import DEFAULT_RULES, normalize_rules
+from posttrain_jax.trainers.adapters import LORA_KEY, build_with_lora, lora_section, lora_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def base_config(output_dir: str) -> ml_collections.ConfigDict:
     c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
     # "auto": the tokenizer's own template, else the built-in of its model type; or a built-in name / .jinja file.
     c.chat_template = "auto"
+    c.lora = lora_section()
     return c
 
 
@@ -76,8 +78,25 @@ def data_shards(mesh) -> int:
 
 
 def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
-                vocab_size: int | None = None) -> Decoder:
-    """The model named by the `model` section, created or loaded straight into its shardings."""
+                vocab_size: int | None = None, lora: ml_collections.ConfigDict | None = None,
+                merge_adapters: bool = True) -> Decoder:
+    """The model named by the `model` section, created or loaded straight into its shardings.
+
+    With an enabled `lora` section the base gets adapters (and a quantized base for QLoRA);
+    a `model.checkpoint` written by a LoRA run is rebuilt as its base + its adapters (kept
+    for a LoRA run or with merge_adapters=False, merged into full weights otherwise).
+    """
+    def build_base(section, base_seed, base_head):
+        if section is not cfg:  # the recorded base of an adapter run: itself possibly an adapter run
+            return build_model(section, mesh, rules, seed=base_seed, head=base_head, vocab_size=vocab_size)
+        return _build_plain(section, mesh, rules, seed=base_seed, head=base_head, vocab_size=vocab_size)
+
+    return build_with_lora(cfg, mesh, rules, seed=seed, head=head, lora=lora, build_base=build_base,
+                           merge=merge_adapters)
+
+
+def _build_plain(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
+                 vocab_size: int | None = None) -> Decoder:
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
                     scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"))
     if cfg.hf_path:
@@ -124,5 +143,9 @@ def model_config_from_dict(d: dict):
 
 
 def run_metadata(config, model) -> dict:
-    return {MODEL_CONFIG_KEY: model_config_to_dict(model.config), "config": json.loads(config.to_json()),
+    meta = {MODEL_CONFIG_KEY: model_config_to_dict(model.config), "config": json.loads(config.to_json()),
             "process_count": jax.process_count()}
+    spec = lora_spec(config)
+    if spec is not None:  # the checkpoints hold adapters only: say what they adapt
+        meta[LORA_KEY] = spec
+    return meta

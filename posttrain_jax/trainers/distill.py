@@ -154,7 +154,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         packing=config.data.packing, train_on=config.data.train_on, length_policy=config.data.length_policy,
         on_bad_row=config.data.on_bad_row, seed=config.seed)
     total_steps = runner.total_steps_of(config, train_iter)
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)  # a LoRA student: adapters trained, base frozen
     teacher = build_model(config.teacher, mesh, rules, seed=config.seed + 1, vocab_size=tokenizer.vocab_size)
     vocab = _vocab(model, teacher, tokenizer)
     teacher_graphdef, teacher_params = nnx.split(teacher, nnx.Param)

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
 from posttrain_jax.losses.logprobs import lm_head_logprobs
+from posttrain_jax.models.lora import base_graphdef, has_adapters
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import preference, runner
@@ -142,21 +143,30 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     if config.data.sft_eval_path and not os.path.exists(config.data.sft_eval_path):
         raise FileNotFoundError(f"data.sft_eval_path {config.data.sft_eval_path} does not exist (set it to '' to "
                                 f"skip the exact-match eval)")
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
-    graphdef, params = nnx.split(model, nnx.Param)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)
+    graphdef, params = nnx.graphdef(model), nnx.state(model, nnx.Param)
     chunk = t.loss_chunk_size or None
     pair_logps = make_pair_logps(graphdef, pairs_per_row=train_iter.pairs_per_row, loss_chunk_size=chunk)
+    # LoRA: the reference is the base with the adapters off, i.e. the base graph over the frozen
+    # arrays themselves (no second copy of the weights); a full fine-tune keeps a frozen copy.
+    lora = has_adapters(model)
+    reference_graphdef = base_graphdef(model) if lora else graphdef
+    reference_pair_logps = make_pair_logps(reference_graphdef, pairs_per_row=train_iter.pairs_per_row,
+                                           loss_chunk_size=chunk)
     shard = lambda b: shard_batch(b, mesh, rules)  # noqa: E731
     prepare = None
     needs_reference = t.loss_type not in REFERENCE_FREE
     # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
-    reference_params = jax.tree.map(jnp.copy, params) if needs_reference else None
+    reference_params = None
+    if needs_reference:
+        reference_params = runner.trainable_split(model)[1] if lora else jax.tree.map(jnp.copy, params)
     if needs_reference:
         rows = batch_sharding(mesh, rules)
 
         @jax.jit(out_shardings=(rows, rows))  # [rows, pairs_per_row], split like every batch key
         def reference_logps(ref_params, batch):  # params are arguments, never closed over
-            c, r, _, _ = pair_logps(ref_params, batch)
+            c, r, _, _ = reference_pair_logps(ref_params, batch)
             shape = batch["pair_mask"].shape
             return c.reshape(shape), r.reshape(shape)
 
@@ -184,12 +194,14 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     evaluate = None
     if eval_iter is not None:
         eval_logps = make_pair_logps(graphdef, pairs_per_row=eval_iter.pairs_per_row, loss_chunk_size=chunk)
+        eval_reference_logps = make_pair_logps(reference_graphdef, pairs_per_row=eval_iter.pairs_per_row,
+                                               loss_chunk_size=chunk)
         _, eval_terms = make_dpo_objective(t, eval_logps)
 
         def pair_metrics(p, ref_params, batch):
             if ref_params is not None:
                 shape = batch["pair_mask"].shape
-                c, r = (x.reshape(shape) for x in eval_logps(ref_params, batch)[:2])
+                c, r = (x.reshape(shape) for x in eval_reference_logps(ref_params, batch)[:2])
                 batch = {**batch, "ref_chosen": c, "ref_rejected": r}
             return eval_terms(nnx.merge(graphdef, p), batch)[1]
 

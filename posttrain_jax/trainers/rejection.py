@@ -409,12 +409,13 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     fingerprint = fingerprint_of(config, num_prompts=len(prompts), process_count=count)
     if resume:
         read_progress(progress_file, fingerprint)  # changed settings fail now, not after loading the model
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        merge_adapters=False)  # an adapter run samples with its adapters
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens),
                             pad_token=pad, num_samples=r.num_samples)
-    graphdef, state = nnx.split(model, nnx.Param)
+    graphdef, state = nnx.split(model)  # with adapters (and a quantized base): the whole adapted model
     sampler = Sampler(graphdef, model.config, mesh=mesh, rules=rules)
     del model  # `state` holds the params
 

@@ -65,7 +65,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     train_iter, stats, eval_iter = preference.pipelines(
         config, tokenizer, rows_multiple=data_shards(mesh) * config.train.accum_steps, reward_inputs=True)
-    model = build_model(config.model, mesh, rules, seed=config.seed, head="scalar", vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, head="scalar", vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)
     t = config.train
     objective, pair_terms = make_rm_objective(pairs_per_row=train_iter.pairs_per_row, use_margin=t.use_margin,
                                               center_coef=t.center_coef)

@@ -14,11 +14,13 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+from flax import nnx
 
 from posttrain_jax.checkpointing import RunCheckpointer
 from posttrain_jax.metrics import MetricsWriter, measure_matmul_peak
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
-from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
+from posttrain_jax.models.lora import dropout_rate, has_adapters, trainable_filter
+from posttrain_jax.train import frozen_state, init_train_state, jit_train_step, make_optimizer, make_train_step
 from posttrain_jax.train.loop import LoopConfig, resume_from_latest, train_loop
 from posttrain_jax.trainers.common import run_metadata
 
@@ -67,12 +69,18 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     started = time.time()
     t = config.train
     tx, schedule = optimizer_from_config(config.optim, total_steps)
-    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh)
+    trainable, base, full = trainable_split(model)
+    graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh,
+                                       trainable=trainable)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
-                           ema_decay=t.ema_decay or None, schedule=schedule)
-    jitted = jit_train_step(step, state, batch_shardings or batch_sharding(mesh, rules), frozen=frozen)
+                           ema_decay=t.ema_decay or None, schedule=schedule, dropout=dropout_rate(model) > 0)
+    # LoRA: the frozen base is bound to the step (an argument of the jitted function, never donated).
+    jitted = jit_train_step(step, state, batch_shardings or batch_sharding(mesh, rules), frozen=frozen, base=base)
     step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen))
+    if base is not None and prepare is not None and prepare_uses_state:  # prepare sees the whole model
+        user_prepare = prepare
+        prepare = lambda b, n, s: user_prepare(b, n, s.replace(params=full(s.params)))  # noqa: E731
     checkpointer = RunCheckpointer(os.path.join(config.output_dir, "checkpoints"), keep=t.keep_checkpoints,
                                    async_save=t.async_checkpoint)
     start = 0
@@ -82,7 +90,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     summary = {"output_dir": config.output_dir, "checkpoints": checkpointer.directory.as_posix(),
                "metrics": writer.path, "total_steps": total_steps}
     if evaluate is not None:
-        summary["eval_before"] = evaluate(state.params)
+        summary["eval_before"] = evaluate(full(state.params))
         writer.log(start, summary["eval_before"], prefix="eval")
         log.info("held-out before training: %s", format_metrics(summary["eval_before"]))
     loop_cfg = LoopConfig(total_steps=total_steps, log_every=t.log_every, eval_every=t.eval_every,
@@ -93,15 +101,29 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
         state, last = train_loop(state, step_fn, train_iter, prepare, loop_cfg, writer=writer,
                                  checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model),
                                  derived=derived, prepare_uses_state=prepare_uses_state,
-                                 evaluate=(lambda s, _: evaluate(s.params)) if evaluate else None)
+                                 evaluate=(lambda s, _: evaluate(full(s.params))) if evaluate else None)
     checkpointer.close()
     if evaluate is not None:
-        summary["eval_after"] = evaluate(state.params)
+        summary["eval_after"] = evaluate(full(state.params))
         writer.log(last, summary["eval_after"], prefix="eval")
     writer.close()
-    summary.update(final_step=last, wall_time_s=time.time() - started, graphdef=graphdef, params=state.params,
+    summary.update(final_step=last, wall_time_s=time.time() - started, graphdef=graphdef, params=full(state.params),
                    compilations=jitted._cache_size())  # 1: no recompilation after the first step
     return summary
+
+
+def trainable_split(model):
+    """(trainable filter, frozen state or None, params -> full model state) for a full or LoRA model.
+
+    LoRA: only the adapters (and a reward model's head) are trained; the frozen base is
+    passed to the step as an argument and joined back (no copy) wherever the whole model
+    is needed (evaluation, the returned params).
+    """
+    if not has_adapters(model):
+        return nnx.Param, None, lambda params: params
+    trainable = trainable_filter(model.config.head)
+    base = frozen_state(model, trainable)
+    return trainable, base, lambda params: nnx.merge_state(params, base)
 
 
 def format_metrics(metrics: dict) -> str:

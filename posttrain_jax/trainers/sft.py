@@ -73,7 +73,10 @@ def _quickstart_data(config) -> None:
                                        max_operand=config.data.quickstart_max_operand)
     synthetic.ensure_chat_template(os.path.join(directory, "tokenizer.model"))
     with config.unlocked():
-        config.tokenizer = os.path.join(directory, "tokenizer.model")
+        # The task's own tokenizer, unless one is set or the model is a Hugging Face one (its own tokenizer:
+        # the task's data is tokenizer-free chat JSONL).
+        if not config.tokenizer:
+            config.tokenizer = config.model.hf_path or os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]
         config.data.eval_path = os.path.join(directory, "eval.jsonl")
 
@@ -139,7 +142,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
                   on_bad_row=config.data.on_bad_row)
     train_iter, stats = make_sft_pipeline(specs, tokenizer, packing=config.data.packing, seed=config.seed, **common)
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.lora)
     evaluate = None
     if config.data.eval_path:
         eval_fn = make_eval_fn(nnx.graphdef(model), rules, mesh, chunk_size=t.loss_chunk_size or None)
