@@ -164,8 +164,8 @@ _PROBE = "\ue000"
 
 
 def prefix_spans(render, messages: Sequence[Mapping], full: str, add_generation_prompt: bool) -> list[Span]:
-    """Assistant spans of `full` (= ``render(messages, add_generation_prompt)``) found by rendering parts of the conversation, for
-    templates without ``{% generation %}``.
+    """Assistant spans of `full` (= ``render(messages, add_generation_prompt)``) found by rendering
+    parts of the conversation, for templates without ``{% generation %}``.
 
     `render(messages, add_generation_prompt) -> text`. Assistant turn ``i``
     spans from the end of the prompt before it (the conversation up to

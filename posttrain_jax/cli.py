@@ -4,6 +4,7 @@
     posttrain-jax rm  [--config FILE] ...        reward model (Bradley-Terry)
     posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
     posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
+    posttrain-jax rl --config.rl.algorithm=ppo|grpo|rloo|reinforce_pp|gspo ...   RL from swappable pieces
     posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
     posttrain-jax eval [--config FILE] ...       held-out greedy accuracy, pass@k, maj@k, rewards, win rate A vs B
     posttrain-jax distill [--config FILE] ...    KD / GKD from a frozen teacher: forward/reverse KL, generalised JSD
@@ -28,6 +29,7 @@ import sys
 
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
             "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
+            "rl": "posttrain_jax.trainers.rl",
             "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation",
             "eval": "posttrain_jax.eval.command", "distill": "posttrain_jax.trainers.distill",
             "pipeline": "posttrain_jax.trainers.pipeline"}
@@ -130,6 +132,7 @@ def _compile(argv: list[str]) -> None:
 
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
+            "rl": lambda argv: _run_trainer("rl", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
             "eval": lambda argv: _run_trainer("eval", argv), "distill": lambda argv: _run_trainer("distill", argv),
             "pipeline": lambda argv: _run_trainer("pipeline", argv),

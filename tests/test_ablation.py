@@ -11,6 +11,7 @@ from posttrain_jax.config import apply_overrides
 def _tiny(tmp_path, *extra):
     return apply_overrides(ablation.default_config(), [
         f"--config.out_dir={tmp_path}", "--config.aggregations=['mean_per_microbatch', 'token_mean']",
+        "--config.gradient_aggregations=['mean_per_microbatch', 'token_mean']",
         "--config.learning_rates=[0.003]", "--config.accum_steps=[4]", "--config.device_counts=[1, 2]",
         "--config.seeds=[0]", "--config.gradient_splits=[[1, 8, 1], [2, 2, 2]]", "--config.task.num_train=200",
         "--config.task.num_eval=8", "--config.sft.train.steps=2", "--config.sft.train.global_batch=16",

@@ -343,7 +343,8 @@ def test_auto_prefers_jinja_file_then_config_then_model_type(tmp_path, tokenizer
     inferred = _model_dir(tmp_path / "inferred", tokenizer_json, None, model_type="qwen3")
     tok = load_tokenizer(inferred)
     assert resolve_template(tok).name == "qwen3"
-    assert render_chat(tok, CONVERSATION[:2]).text.endswith("<think>\n\n</think>\n\nThe cat sat on the mat.<|im_end|>\n")
+    text = render_chat(tok, CONVERSATION[:2]).text
+    assert text.endswith("<think>\n\n</think>\n\nThe cat sat on the mat.<|im_end|>\n")
     bare = _model_dir(tmp_path / "bare", tokenizer_json, None)
     with pytest.raises(ValueError, match=r"no chat template of its own .* pass --chat-template"):
         render_chat(load_tokenizer(bare), CONVERSATION[:2])
@@ -369,3 +370,18 @@ def test_end_of_turn_and_special_tokens_of_own_template(model_dir):
     from posttrain_jax.tokenizer import template_special_tokens
 
     assert EOT[name].strip("\n") in template_special_tokens("auto", tok)
+
+
+def test_strftime_now_and_template_kwargs_like_transformers(tmp_path, tokenizer_json):
+    import datetime
+
+    template = ("{{ bos_token }}Today: {{ strftime_now('%Y-%m-%d') }} {{ custom | default('none') }}\n"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token if m.role == 'assistant' }}\n"
+                "{% endfor %}")
+    root = _model_dir(tmp_path / "dated", tokenizer_json, template)
+    ours = render_chat(load_tokenizer(root), CONVERSATION[:2], custom="yes")
+    theirs = _reference(root).apply_chat_template(CONVERSATION[:2], tokenize=False, custom="yes")
+    assert ours.text == theirs and datetime.date.today().isoformat() in ours.text and "yes" in ours.text
+    # Prefix rendering: this template has no generation prompt, so what the model writes after the prompt is
+    # its role label too; the turn runs to the end of its line (eos and newline included).
+    assert _masked(load_tokenizer(root), ours) == "assistant: The cat sat on the mat.<|end_of_text|>\n"

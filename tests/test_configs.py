@@ -16,6 +16,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
 
 def _trainer(path):
     name = os.path.basename(path)
+    if os.path.basename(os.path.dirname(path)) == "rl" or name.startswith("rlvr"):
+        return importlib.import_module("posttrain_jax.trainers.rl")
     if name.startswith("grpo") or os.path.basename(os.path.dirname(path)) == "grpo":
         return importlib.import_module("posttrain_jax.trainers.grpo")
     if name.startswith("iterative") or name.startswith("pipeline"):

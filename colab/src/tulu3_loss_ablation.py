@@ -71,8 +71,10 @@ if jax.device_count() < 8:  # accumulation-only splits of the same 8 rows
     splits += [[1, 4, 2], [1, 2, 4]]
 config.gradient_splits = splits
 config.device_counts = [d for d in config.device_counts if d <= jax.device_count()]
+config.gradient_aggregations = ["sum", "token_mean", "sequence_mean", "mean_per_microbatch"]
 if FAST:  # a grid that only shows the machinery: 4 cells of 4 steps (the conclusion needs the full grid)
-    config.aggregations = ["token_mean", "mean_per_microbatch"]
+    config.aggregations = ["sum", "mean_per_microbatch"]
+    config.gradient_aggregations = ["token_mean", "mean_per_microbatch"]
     config.gradient_splits = [splits[0], [2, 2, 2] if jax.device_count() >= 2 else [1, 4, 2]]
     config.learning_rates, config.seeds, config.accum_steps = [3e-3], [0], [1, 4]
     config.device_counts = config.device_counts[-1:]

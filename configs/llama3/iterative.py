@@ -53,7 +53,7 @@ def get_config():
     c.sft.init = "base"
     c.sft.accumulate = True
     c.sft.overrides = {"data": {"seq_len": 8192, "packing": True}, "train": {"steps": STEPS["sft"], "global_batch": 64,
-                                                                            "loss_chunk_size": 1024},
+                                                                            "loss_chunk_size": 0},
                        "optim": {"learning_rate": 1e-5}}
     c.pairs.mode = "reward"  # best vs worst by the RM; "verifier" pairs pass vs fail (Qwen 2.5)
     c.pairs.min_margin = 0.0
@@ -61,7 +61,7 @@ def get_config():
     c.dpo.candidates = [{"seed": 0}, {"seed": 1, "train": {"beta": 0.05}}]
     c.dpo.overrides = {"data": {"seq_len": 8192, "mask_special_tokens": True},
                        "train": {"steps": STEPS["dpo"], "global_pairs": 64, "loss_type": "sigmoid", "beta": 0.1,
-                                 "nll_coef": 0.2, "nll_normalization": "token", "loss_chunk_size": 1024},
+                                 "nll_coef": 0.2, "nll_normalization": "token", "loss_chunk_size": 0},
                        "optim": {"learning_rate": 1e-5, "warmup_ratio": 0.0}}
     c.average.enabled = True
     c.eval.metric = "greedy_reward"

@@ -166,13 +166,36 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         yield from _read_jsonl(path)
         return
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: starts with '[' but is not a valid JSON array: {e}") from e
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected one JSON array of rows")
-    for index, record in enumerate(rows):
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8: {e}") from e
+    # Item by item, so a damaged item (a file cut off mid-row, as real dumps
+    # are) is one bad row after all the complete ones, not a lost file.
+    decoder, index = json.JSONDecoder(), 0
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield RawRow(f"{path}: item {index}", parse_error=f"invalid JSON (the array cannot be read past it): {e}")
+            return
         yield RawRow(f"{path}: item {index}", record)
+        index += 1
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            yield RawRow(f"{path}: item {index}", parse_error=f"invalid JSON: expected ',' or ']' at char {pos}")
+            return
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _is_saved_dataset(path: Path) -> bool:

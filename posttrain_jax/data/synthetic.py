@@ -195,9 +195,17 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
         add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=1.0, num_threads=1,
         minloglevel=2,
     )  # fmt: skip
-    # The tokenizer's own chat template (ChatML), so chat_template="auto" renders with it.
-    (model_prefix.parent / "chat_template.jinja").write_text(CHATML_JINJA, encoding="utf-8")
-    return model_prefix.with_name(model_prefix.name + ".model")
+    model_path = model_prefix.with_name(model_prefix.name + ".model")
+    ensure_chat_template(model_path)
+    return model_path
+
+
+def ensure_chat_template(model_path: str | Path) -> None:
+    """Give a quickstart tokenizer its own chat template (ChatML, ``chat_template.jinja`` next to it), so
+    chat_template="auto" renders with it; also for tokenizers written before templates were shipped."""
+    target = Path(model_path).parent / "chat_template.jinja"
+    if not target.exists():
+        target.write_text(CHATML_JINJA, encoding="utf-8")
 
 
 def make_quickstart_data(directory: str | Path, *, num_train: int = 20000, num_eval: int = 500, seed: int = 0,

@@ -6,7 +6,7 @@
 | `blocked` | everywhere            | causal, segments, window from slots/ids        | one [bq, bk] block    |
 | `splash`  | TPU (Pallas)          | causal/local static mask + segment ids         | one block (on chip)   |
 | `cudnn`   | NVIDIA GPU, bf16/fp16 | causal + left window in cuDNN; segments/padding | [B, 1, T, S] bias     |
-|           |                       | as a boolean mask (cuDNN turns it into a bias)  | when packed/padded    |
+|           |                       | as a boolean mask (cuDNN turns it into a bias)  | (always; not per head)|
 | `auto`    | TPU: splash; GPU: cudnn when its constraints hold (16-bit dtype, no softcap, |
 |           | head_dim <= 256, multiple of 8); otherwise blocked for T >= 2048 and xla     |
 |           | below (short rows: XLA's fused einsums are fastest, the [T, T] scores small)  |
@@ -141,7 +141,9 @@ def cudnn_attention(q, k, v, segment_ids, *, scale: float, window: int | None = 
                     implementation: str = "cudnn") -> jax.Array:
     """`jax.nn.dot_product_attention` with cuDNN: causal and the left window run mask-free in
     cuDNN; segment ids (packing) and padding go in as a [batch, 1, T, T] boolean mask, which
-    cuDNN applies as an additive bias (so a packed or padded batch costs that much memory).
+    cuDNN applies as an additive bias. Whether a batch is packed is data, unknown at trace time,
+    so the mask is always built: memory O(B T^2) once per layer call (not per head, no float32
+    scores). Its packed-segment layout (q/kv offsets) is not exposed by `jax.nn`.
     `implementation="xla"` runs the same argument mapping on any backend (tests on CPU).
     """
     same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, None, :]
@@ -190,6 +192,9 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, softcap: float | Non
 
     if interpret is None:
         interpret = _platform() != "tpu"
+        if interpret:
+            _warn_once("model.attention='splash' off TPU runs the Pallas kernel in interpret mode: correct but "
+                       "very slow (meant for tests); use model.attention=auto, blocked or xla here")
     batch, length, heads, dim = q.shape
     padded = -(-length // _SPLASH_LANES) * _SPLASH_LANES
     block = next(b for b in (max(_SPLASH_LANES, block // _SPLASH_LANES * _SPLASH_LANES), 512, 256, 128)
@@ -227,6 +232,11 @@ def _sharded(kernel, q, k, v, segment_ids):
     ids = jax.sharding.PartitionSpec(batch_spec, None)
     return jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)(
         q, k, v, segment_ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def _axes_size(mesh, entry) -> int:

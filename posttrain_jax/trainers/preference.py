@@ -49,6 +49,7 @@ def quickstart_data(config) -> None:
             prefix = os.path.join(directory, "tokenizer")
             if not os.path.exists(prefix + ".model"):
                 synthetic.train_sentencepiece(prefix, synthetic.corpus(seed=config.seed))
+            synthetic.ensure_chat_template(prefix + ".model")
             config.tokenizer = prefix + ".model"
         config.data.sources = [{"path": train}]
         config.data.eval_path = held_out

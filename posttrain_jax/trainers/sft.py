@@ -71,6 +71,7 @@ def _quickstart_data(config) -> None:
                                        num_eval=config.data.quickstart_num_eval, seed=config.seed,
                                        show_work=config.data.quickstart_show_work,
                                        max_operand=config.data.quickstart_max_operand)
+    synthetic.ensure_chat_template(os.path.join(directory, "tokenizer.model"))
     with config.unlocked():
         config.tokenizer = os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]

@@ -168,9 +168,13 @@ def test_json_array_and_bad_encoding(tmp_path, tok):
     (tmp_path / "array.json").write_text(json.dumps([chat("Hi", "5"), chat("Yo", "6")], indent=2))
     source = _tokenize(tmp_path / "array.json", tok)  # one JSON array: each item is a row
     assert len(source) == 2 and source.stats.rows == 2
-    (tmp_path / "broken.json").write_text('[{"messages": []},')
-    with pytest.raises(DataError, match=r"broken\.json: starts with '\[' but is not a valid JSON array"):
+    # A file cut off mid-row: the complete items are rows, the damaged one a bad row.
+    text = json.dumps([chat("Hi", "5"), chat("Yo", "6")])
+    (tmp_path / "broken.json").write_text(text[:-20])
+    with pytest.raises(DataError, match=r"broken\.json: item 1: invalid JSON"):
         _tokenize(tmp_path / "broken.json", tok)
+    source = _tokenize(tmp_path / "broken.json", tok, on_bad_row="skip")
+    assert len(source) == 1 and source.stats.bad_row_reasons == {"invalid JSON": 1}
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(chat("Hi", "5")).encode() + b"\n" + b'{"x": "\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
         _tokenize(tmp_path / "latin1.jsonl", tok)

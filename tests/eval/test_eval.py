@@ -3,7 +3,6 @@ called directly, resume after a kill, one compilation per shape, the command wit
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -174,8 +173,8 @@ def test_command_with_a_reward_model_win_rate(toy, tmp_path):
     results = command.main(config)
     win = results["win_rate"]
     assert win["reward"] == "reward_model" and win["wins"] + win["ties"] + win["losses"] == pytest.approx(1.0)
-    a = {r["index"]: r["greedy"]["rewards"]["reward_model"] for r in map(json.loads, open(tmp_path / "out" / "model" / "records.jsonl"))}
-    b = {r["index"]: r["greedy"]["rewards"]["reward_model"] for r in map(json.loads, open(tmp_path / "out" / "model_b" / "records.jsonl"))}
+    records = {name: map(json.loads, open(tmp_path / "out" / name / "records.jsonl")) for name in ("model", "model_b")}
+    a, b = ({r["index"]: r["greedy"]["rewards"]["reward_model"] for r in records[n]} for n in ("model", "model_b"))
     assert sorted(a) == list(range(NUM_PROMPTS))
     assert win["win_rate"] == pytest.approx(np.mean([(a[i] > b[i]) + 0.5 * (a[i] == b[i]) for i in a]))
     assert 0 < win["win_rate"] < 1

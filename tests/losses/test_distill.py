@@ -94,8 +94,9 @@ def test_topk_with_the_whole_vocabulary_is_exact_and_chunking_changes_nothing(be
     logps4, ids4 = teacher_topk(t, 4, temperature=1.3)
     ls = jnp.take_along_axis(jax.nn.log_softmax(s / 1.3, -1), ids4, -1)
     ls, lt = ls - jax.nn.logsumexp(ls, -1, keepdims=True), logps4 - jax.nn.logsumexp(logps4, -1, keepdims=True)
-    expected = trl_generalized_jsd_loss(torch.tensor(np.asarray(ls, np.float64)), torch.tensor(np.asarray(lt, np.float64)),
-                                        None, beta=beta, reduction="none").sum(-1).numpy()
+    expected = trl_generalized_jsd_loss(torch.tensor(np.asarray(ls, np.float64)),
+                                        torch.tensor(np.asarray(lt, np.float64)), None, beta=beta,
+                                        reduction="none").sum(-1).numpy()
     np.testing.assert_allclose(topk_divergence(s, logps4, ids4, beta=beta, temperature=1.3), expected, rtol=1e-5,
                                atol=1e-6)
     # through LM heads, chunked over the sequence = unchunked

@@ -5,7 +5,6 @@ compilation, and sequence-level distillation as rejection sampling with the teac
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,7 +83,8 @@ def test_step_loss_equals_the_losses_on_both_models_logits(task, tmp_path, diver
 def test_topk_cache_with_the_whole_vocabulary_equals_the_full_loss_and_resumes(task, tmp_path):
     full = _config(tmp_path / "full", task)
     distill.main(full)
-    cached = _config(tmp_path / "topk", task, "--config.distill.teacher_topk=512", "--config.distill.cache_teacher=True")
+    cached = _config(tmp_path / "topk", task, "--config.distill.teacher_topk=512",
+                     "--config.distill.cache_teacher=True")
     summary = distill.main(cached)
     assert summary["compilations"] == 1
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "topk")
@@ -125,7 +125,8 @@ def test_sequence_level_distillation_is_rejection_sampling_with_the_teacher(task
         for p in synthetic.generate_problems(8, seed=21):
             f.write(json.dumps({"prompt": p.question, "answer": str(p.answer)}) + "\n")
     generated = rejection.main(apply_overrides(rejection.default_config(), [
-        f"--config.output_dir={tmp_path / 'rs'}", "--config.data.quickstart_task=False", f"--config.data.path={prompts}",
+        f"--config.output_dir={tmp_path / 'rs'}", "--config.data.quickstart_task=False",
+        f"--config.data.path={prompts}",
         f"--config.tokenizer={task}/tokenizer.model", f"--config.model.checkpoint={task}/teacher",
         "--config.rejection.num_samples=1", "--config.rejection.prompts_per_batch=8",
         "--config.rejection.require_correct=[]", "--config.rejection.drop_truncated=False",

@@ -112,7 +112,8 @@ def test_pairs_by_reward_margin_and_by_verifier(tmp_path):
     by_reward = build_pairs(str(tmp_path), str(samples), mode="reward", verifier="math", min_margin=0.5)
     assert by_reward["pairs"] == 1 and by_reward["prompts"] == 3
     pair = json.loads(open(by_reward["path"]).readline())
-    assert pair["prompt"] == [{"role": "user", "content": "q1"}] and (pair["chosen"], pair["rejected"]) == ("good", "bad")
+    assert pair["prompt"] == [{"role": "user", "content": "q1"}]
+    assert (pair["chosen"], pair["rejected"]) == ("good", "bad")
     assert build_pairs(str(tmp_path), str(samples), mode="reward", verifier="math", min_margin=0.0)["pairs"] == 2
     assert build_pairs(str(tmp_path), str(samples), mode="verifier", verifier="math", min_margin=0.0)["pairs"] == 1
     with pytest.raises(ValueError, match="no verdict of 'code'"):

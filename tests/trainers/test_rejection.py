@@ -162,8 +162,8 @@ def test_output_trains_with_the_sft_pipeline(straight):
     for batch in iterator:
         for tokens, targets, mask in zip(batch["tokens"], batch["targets"], batch["loss_mask"]):
             trained.append(tokenizer.decode([int(t) for t in targets[mask > 0]]))
-    # What SFT trains on is each kept completion followed by the end of turn.
-    expected = sorted(r["messages"][-1]["content"] + "<|im_end|>" for r in _rows(summary["output"]))
+    # What SFT trains on is each kept completion followed by the end of turn and chatml's newline after it.
+    expected = sorted(r["messages"][-1]["content"] + "<|im_end|>\n" for r in _rows(summary["output"]))
     assert sorted(trained) == expected
 
 
