@@ -92,7 +92,7 @@ def run_row(name: str, spec: dict, extra: dict) -> dict:
 
 def markdown(results: list[dict]) -> str:
     out = ["| row | topology | seq x per chip | remat | args GiB | temps GiB | total GiB | HBM GiB | target | fits "
-           "| GFLOP/chip/step | compile s |", "|" + "---|" * 12]
+           "| model TFLOP/chip/step | compile s |", "|" + "---|" * 12]
     for r in results:
         if "error" in r:
             out.append(f"| {r['row']} | {r.get('topology', '')} | | | | | | | | error: {r['error'][-120:]} | | |")
@@ -104,7 +104,7 @@ def markdown(results: list[dict]) -> str:
             f"| {r['row']} | {r['topology']} | {r['seq_len']} x {r['per_chip_batch']} | {r['remat']} | "
             f"{r['argument_bytes'] / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} | {r['total_bytes'] / GiB:.2f} | "
             f"{r['hbm_bytes'] / GiB:.2f} | {'' if target is None else f'<= {target} ({met})'} | "
-            f"{'yes' if r['fits'] else 'NO'} | {r['flops_per_chip'] / 1e9:.0f} | {r['compile_s']:.0f} |")
+            f"{'yes' if r['fits'] else 'NO'} | {r['model_flops_per_step'] / r['chips'] / 1e12:.1f} | {r['compile_s']:.0f} |")
     by_row = {r["row"]: r for r in results if "error" not in r}
     for deep, shallow in (("llama8b-v5p16", "llama8b-v5p16-2layers"), ("tiny-v5e4", "tiny-v5e4-1layer")):
         if deep in by_row and shallow in by_row:

@@ -52,9 +52,14 @@ def _config(trainer, **train):
 
 @pytest.mark.parametrize("trainer", ["sft", "rm", "dpo", "grpo"])
 def test_every_trainer_compiles_for_a_slice(trainer):
-    overrides = {"grpo": {"grpo__beta": 0.04, "grpo__num_minibatches": 2}, "sft": {"train__accum_steps": 2},
+    # sft with train.accum_steps=2 crashes libtpu 0.0.42.1 since scanned layers landed (RET_CHECK in
+    # while_loop_all_reduce_code_motion.cc: the accumulation scan around the layer scan); rm covers accumulation.
+    overrides = {"grpo": {"grpo__beta": 0.04, "grpo__num_minibatches": 2}, "rm": {"train__accum_steps": 2},
                  "dpo": {"data__seq_len": 64}}.get(trainer, {})
-    report = _compile(_config(trainer, **overrides), trainer, "v5e-4", per_chip_batch=2, keep_hlo=True)
+    config = _config(trainer, **overrides)
+    if trainer != "sft":  # sft compiles the splash kernel (attention=auto on TPU); the others the quicker xla path
+        config.model.attention = "xla"
+    report = _compile(config, trainer, "v5e-4", per_chip_batch=2, keep_hlo=True)
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report["rows"] == 2 * 4 * report["accum_steps"]
     assert 0 < report["total_bytes"] < GiB and report["fits"]
@@ -74,12 +79,13 @@ def test_every_trainer_compiles_for_a_slice(trainer):
 
 
 def test_cli_reports_and_fails_with_advice(tmp_path):
-    """Full attention scores of 64 x 4096-token rows cannot fit one v5e chip: exit 1 and one line of advice."""
+    """Full (xla) attention scores of 64 x 4096-token rows cannot fit one v5e chip: exit 1 and one line of advice."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("XLA_FLAGS", None)
     out = tmp_path / "report.jsonl"
     proc = subprocess.run([sys.executable, "-m", "posttrain_jax.cli", "compile", "sft", "--topology", "v5e-1",
-                           "--config.model.preset=tiny-llama", "--config.data.seq_len=4096", "--per-chip-batch=64",
+                           "--config.model.preset=tiny-llama", "--config.model.attention=xla",
+                           "--config.data.seq_len=4096", "--per-chip-batch=64",
                            f"--json={out}"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "of 16.00 GiB HBM" in proc.stdout and "DOES NOT FIT" in proc.stdout
@@ -100,7 +106,7 @@ def test_advice_names_the_larger_part():
 def test_llama8b_sft_on_v5p16():
     config = _config("sft")
     config.model.preset = "llama3.1-8b"
-    config.model.remat = True
+    config.model.remat = "full"
     config.data.seq_len = 4096
     report = _compile(config, "sft", "v5p-16", per_chip_batch=2)
     assert report["params"] > 8e9 and report["fits"], report
