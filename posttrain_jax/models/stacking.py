@@ -75,6 +75,12 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
 _STACKED = re.compile(r"^((?:.*\.)?)(layers|tail)\.(\d+)\.(.+)$")
 
 
+def is_stacked_name(name: str) -> bool:
+    """Whether a dotted leaf name is in a scanned stack (`...layers.<j>...`, leading layers axis)."""
+    match = _STACKED.match(name)
+    return bool(match) and match.group(2) == "layers"
+
+
 def unstacked_sources(names_shapes: dict[str, tuple[int, ...] | None]) -> dict[str, list[str]]:
     """For the leaves of a scanned-layout tree, the per-layer (`blocks.<i>`) names they are made of.
 
