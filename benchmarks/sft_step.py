@@ -17,6 +17,8 @@ Every measurement is one JSON line on stdout, also appended to `--out`.
     .venv/bin/python benchmarks/sft_step.py --rounds 3           # alternate jax/torch 3 times, report medians
     .venv/bin/python benchmarks/sft_step.py --frameworks jax     # ours only (tuning)
     .venv/bin/python benchmarks/sft_step.py --quick --preset tiny-llama --batch 2 --seq-len 32
+    .venv/bin/python benchmarks/sft_step.py --real gemma3-270m --batch 4 --seq-len 256   # real weights (bench extra)
+    .venv/bin/python benchmarks/sft_step.py --frameworks jax --profile                  # + per-op time shares
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # real_models, xla_profile
 FRAMEWORKS = {"jax": "posttrain_jax", "torch": "pytorch"}
 
 # XLA CPU flags for the JAX subprocess, appended to any XLA_FLAGS already in the
@@ -43,6 +46,13 @@ DEFAULT_XLA_FLAGS = ""
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="bench-small", help="posttrain_jax.models preset (default bench-small)")
+    p.add_argument("--real", choices=("gemma3-270m",), default=None,
+                   help="a real pretrained checkpoint instead of --preset: both frameworks load its weights\n"
+                        "(needs the bench extra; converted once into benchmarks/.cache/)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="CPU devices for ours (xla_force_host_platform_device_count), data parallel over them")
+    p.add_argument("--profile", action="store_true",
+                   help="trace one extra step of ours and add per-op time shares to its record")
     p.add_argument("--batch", type=int, default=8, help="global batch in rows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8; 2 with --quick)")
@@ -127,10 +137,16 @@ def worker_jax(args) -> dict:
     # Wired as posttrain_jax.trainers.sft.main does it (default mesh, rules, optimizer).
     mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), DEFAULT_RULES
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    config = preset(args.preset)
-    model = create_model(config, mesh=mesh, rules=rules, seed=0)
+    if args.real:
+        from posttrain_jax.models import load_hf
+        from real_models import gemma3_270m_dir
+        model = load_hf(gemma3_270m_dir(), mesh=mesh, rules=rules)
+        config = model.config
+    else:
+        config = preset(args.preset)
+        model = create_model(config, mesh=mesh, rules=rules, seed=0)
     tx, schedule = make_optimizer(learning_rate=1e-4, total_steps=1000, warmup_ratio=0.05, max_grad_norm=1.0)
-    graphdef, state = init_train_state(model, tx, seed=0)
+    graphdef, state = init_train_state(model, tx, seed=0, mesh=mesh)  # as the runner does
     del model
     step = make_train_step(graphdef, tx, make_sft_objective("token_mean", data_shards=shards),
                            make_sft_denominator("token_mean", data_shards=shards), data_shards=shards,
@@ -150,11 +166,18 @@ def worker_jax(args) -> dict:
             return float(jax.block_until_ready(metrics)["loss"])  # also waits for the new state
 
         times, cpu_times, losses = timed_steps(run_step, args.steps, args.warmup)
+        profile = None
+        if args.profile:
+            from xla_profile import op_shares
+            profile = op_shares(run_step, compiled.as_text())
     jax.block_until_ready(holder["state"])
     record = {"framework": FRAMEWORKS["jax"], "version": f"jax {jax.__version__}", "compile_s": compile_s,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "flops_per_token": config.flops_per_token(args.seq_len),
               "num_params": config.num_params(), **throughput(args, times, cpu_times),
-              "loss_first": losses[0], "loss_last": losses[-1], "max_rss_mib": max_rss_mib()}
+              "loss_first": losses[0], "loss_last": losses[-1], "max_rss_mib": max_rss_mib(),
+              "devices": jax.device_count()}
+    if profile is not None:
+        record["op_profile"] = profile
     try:
         analysis = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - optional on some backends
@@ -176,11 +199,20 @@ def worker_torch(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = preset(args.preset)
-    hf = to_hf_config(config)
-    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
-                                                          dtype=torch.float32)
+    if args.real:
+        from posttrain_jax.models import from_hf_config
+        from real_models import gemma3_270m_dir
+        path = gemma3_270m_dir()
+        with open(os.path.join(path, "config.json")) as f:
+            config = from_hf_config(json.load(f))
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                                  dtype=torch.float32)
+    else:
+        config = preset(args.preset)
+        hf = to_hf_config(config)
+        hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                              dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     batch = synthetic_batch(config.vocab_size, args.batch, args.seq_len)
@@ -219,7 +251,10 @@ def run_worker(kind: str, argv: list[str], args) -> dict:
     """Run one worker in a fresh interpreter and return its record."""
     env = dict(os.environ)
     if kind in ("jax", "peak"):
-        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags) if f).strip()
+        flags = [env.get("XLA_FLAGS", ""), args.xla_flags]
+        if kind == "jax" and args.devices > 1:
+            flags.append(f"--xla_force_host_platform_device_count={args.devices}")
+        env["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
         env.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
@@ -253,7 +288,10 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown --frameworks {sorted(unknown)}; choose from {sorted(FRAMEWORKS)}")
     run_id = time.strftime("%Y%m%dT%H%M%S")
-    common = {"run": run_id, "host": platform.node(), "cpus": os.cpu_count(), "preset": args.preset,
+    if args.real:  # convert once, outside the timed workers
+        from real_models import gemma3_270m_dir
+        gemma3_270m_dir()
+    common = {"run": run_id, "host": platform.node(), "cpus": os.cpu_count(), "preset": args.real or args.preset,
               "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup}
     peaks, tokens_per_s = [], {f: [] for f in frameworks}
     for round_index in range(args.rounds):
@@ -272,8 +310,16 @@ def main(argv=None) -> None:
         ours, theirs = (statistics.median(tokens_per_s[f]) for f in ("jax", "torch"))
         emit({**common, "bench": "sft_step_ratio", "rounds": args.rounds, "ours_tokens_per_s": ours,
               "pytorch_tokens_per_s": theirs, "ratio": ours / theirs, "target": 0.8,
-              "ours_mfu": ours * flops_per_token / max(peaks), "pytorch_mfu": theirs * flops_per_token / max(peaks)},
-             args.out)
+              "ours_mfu": ours * flops_per_token / max(peaks), "pytorch_mfu": theirs * flops_per_token / max(peaks),
+              **physical_limit(args, flops_per_token, max(peaks))}, args.out)
+
+
+def physical_limit(args, flops_per_token: float, peak_flops_per_s: float) -> dict:
+    """The step at the measured matmul peak: model FLOPs per step / peak FLOP/s (no attention kernel,
+    softmax or optimizer time; the fused LM head's logit recompute is not counted as model FLOPs)."""
+    flops_per_step = flops_per_token * args.batch * args.seq_len
+    return {"flops_per_step": flops_per_step, "limit_step_time_s": flops_per_step / peak_flops_per_s,
+            "limit_tokens_per_s": peak_flops_per_s / flops_per_token}
 
 
 if __name__ == "__main__":

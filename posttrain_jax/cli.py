@@ -4,12 +4,18 @@
     posttrain-jax rm  [--config FILE] ...        reward model (Bradley-Terry)
     posttrain-jax dpo [--config FILE] ...        DPO, IPO, hinge, dpo_norm, SimPO (+ NLL term)
     posttrain-jax grpo [--config FILE] ...       GRPO / DAPO / Dr. GRPO on verifiable or model rewards
+    posttrain-jax rl --config.rl.algorithm=ppo|grpo|rloo|reinforce_pp|gspo ...   RL from swappable pieces
     posttrain-jax rejection-sample [--config FILE] ...   best of K samples -> SFT-ready JSONL (Llama 3)
+    posttrain-jax eval [--config FILE] ...       held-out greedy accuracy, pass@k, maj@k, rewards, win rate A vs B
+    posttrain-jax distill [--config FILE] ...    KD / GKD from a frozen teacher: forward/reverse KL, generalised JSD
+    posttrain-jax pipeline [--config FILE] ...   Llama 3's rounds: RM -> rejection sampling -> SFT -> DPO -> average -> eval
     posttrain-jax sample --checkpoint RUN_OR_HF_DIR --prompt "..." [--greedy] [--max-new-tokens N]
     posttrain-jax score --checkpoint RM --tokenizer T --input in.jsonl --output out.jsonl
     posttrain-jax average --checkpoints A B C [--weights ...] --out D
     posttrain-jax export --checkpoint D --out HF_DIR
-    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py]   # Tülu 3 loss-aggregation grid
+    posttrain-jax ablate [--config configs/tulu3/loss_ablation.py] [--fast]   # Tülu 3 loss-aggregation grid
+    posttrain-jax compile {sft,rm,dpo,grpo} --topology v5p-16 [--config FILE] [--per-chip-batch N] ...
+                                                 # AOT-compile the train step for a TPU slice: bytes per chip
 
 Without --config a trainer runs its embedded default (the CPU quickstart).
 """
@@ -23,7 +29,10 @@ import sys
 
 _MODULES = {"sft": "posttrain_jax.trainers.sft", "rm": "posttrain_jax.trainers.rm",
             "dpo": "posttrain_jax.trainers.dpo", "grpo": "posttrain_jax.trainers.grpo",
-            "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation"}
+            "rl": "posttrain_jax.trainers.rl",
+            "rejection-sample": "posttrain_jax.trainers.rejection", "ablate": "posttrain_jax.ablation",
+            "eval": "posttrain_jax.eval.command", "distill": "posttrain_jax.trainers.distill",
+            "pipeline": "posttrain_jax.trainers.pipeline"}
 
 
 def _trainer(name: str):
@@ -92,7 +101,8 @@ def _score(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--input", required=True, help='JSONL rows {"prompt": ..., "response": ...}')
     parser.add_argument("--output", required=True, help="the rows with a 'reward' field added")
-    parser.add_argument("--chat-template", default="chatml")
+    parser.add_argument("--chat-template", default="auto",
+                        help="auto (the tokenizer's own template), a built-in name, or a .jinja file")
     args = parser.parse_args(argv)
     score_main(args.checkpoint, args.tokenizer, args.input, args.output, args.chat_template)
     print(f"wrote rewards to {args.output}")
@@ -111,13 +121,23 @@ def _ablate(argv: list[str]) -> None:
         if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=8").strip()
-    _run_trainer("ablate", argv)
+    # --fast: the small grid CI runs (see ablation.apply_fast).
+    _run_trainer("ablate", ["--config.fast=True" if a == "--fast" else a for a in argv])
+
+
+def _compile(argv: list[str]) -> None:
+    from posttrain_jax.aot.command import main as compile_main
+    compile_main(argv)
 
 
 COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _run_trainer("rm", argv),
             "dpo": lambda argv: _run_trainer("dpo", argv), "grpo": lambda argv: _run_trainer("grpo", argv),
+            "rl": lambda argv: _run_trainer("rl", argv),
             "rejection-sample": lambda argv: _run_trainer("rejection-sample", argv), "sample": _sample,
-            "score": _score, "average": _average, "export": _export, "ablate": _ablate}
+            "eval": lambda argv: _run_trainer("eval", argv), "distill": lambda argv: _run_trainer("distill", argv),
+            "pipeline": lambda argv: _run_trainer("pipeline", argv),
+            "score": _score, "average": _average, "export": _export, "ablate": _ablate,
+            "compile": _compile}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,6 +89,8 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
         if key not in reference:
             raise KeyError(f"unknown config key '{path}'; valid keys{' under ' + where if where else ''}: "
                            f"{', '.join(sorted(reference.keys()))}")
+        if key == "overrides":  # free-form: another trainer's keys, checked against that trainer's config
+            continue
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key],
                                                                             ml_collections.ConfigDict):
             check_keys(config[key], reference[key], path)

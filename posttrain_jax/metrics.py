@@ -128,10 +128,10 @@ class Throughput:
         return out
 
 
-def progress_bar(total: int | None, initial: int = 0, desc: str = "train"):
-    """A tqdm bar on process 0 (disabled elsewhere)."""
+def progress_bar(total: int | None, initial: int = 0, desc: str = "train", unit: str = "step", leave: bool = True):
+    """A tqdm bar (count, rate, ETA when `total` is known) on process 0 (disabled elsewhere)."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
                 disable=jax.process_index() != 0)
 
 

@@ -64,6 +64,11 @@ def logical_rules(rules: Rules):
         _ACTIVE_RULES.reset(token)
 
 
+def active_rules() -> Rules | None:
+    """The rules set by the innermost `logical_rules` block, or None outside one."""
+    return _ACTIVE_RULES.get()
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axis_names=None) -> P:
     """PartitionSpec for an array whose dimensions carry `names`."""
     lookup: dict[str, MeshAxes] = {}

@@ -4,29 +4,18 @@ Two tokenizer back ends share one small interface (`Tokenizer`):
 `SentencePieceTokenizer` (a SentencePiece ``.model``) and `HFTokenizer` (a
 Hugging Face ``tokenizer.json``). `load_tokenizer` picks one by file type.
 
-`render_chat` turns a conversation into token ids for one of the built-in
-templates (`CHAT_TEMPLATES`) plus an assistant mask.
-
-Mask convention (the one used by open-instruct and TRL's assistant-only
-loss): the mask is True for the tokens of each assistant message's content
-*and* its end-of-turn token (``<|eot_id|>``, ``<|im_end|>``,
-``<end_of_turn>``), so the model learns to stop. It is False for the bos
-token, every role header (including the assistant's own header, which the
-prompt supplies at inference time) and the ``\\n`` that follows an
-end-of-turn token in chatml and gemma. The whole conversation is rendered to
-one string and encoded once, so ``ids`` equal encoding the rendered text
-(like HF ``apply_chat_template(tokenize=True)``); a token is masked in when
-its character span overlaps an assistant region (a token straddling a
-boundary, possible only if a tokenizer merges across it, is masked in).
+Each tokenizer also carries what the files next to it say about chat:
+its own Jinja ``chat_template`` (``chat_template.jinja``, else
+``tokenizer_config.json``), the ``model_type`` of a ``config.json``, and the
+special token strings a template sees. `render_chat` (in
+`posttrain_jax.chat`, re-exported here) renders conversations with it.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import accumulate
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 Offsets = list[tuple[int, int]]
@@ -62,6 +51,29 @@ class Tokenizer(abc.ABC):
         """Token string of an id."""
 
     @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own Jinja chat template, or None (read lazily from the files next to it)."""
+        if "_chat_files" not in self.__dict__:
+            self._chat_files = _read_chat_files(self.path.parent)
+        return self._chat_files[0]
+
+    @property
+    def model_type(self) -> str | None:
+        """``model_type`` of the ``config.json`` next to the tokenizer, or None."""
+        if "_chat_files" not in self.__dict__:
+            self._chat_files = _read_chat_files(self.path.parent)
+        return self._chat_files[1]
+
+    def special_token_strings(self) -> dict[str, str]:
+        """bos/eos/pad/unk token strings a chat template sees (as transformers' special_tokens_map)."""
+        out = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+               "pad_token": None if self.pad_id is None else self.id_to_token(self.pad_id)}
+        unk = getattr(self, "unk_token", None)
+        if unk:
+            out["unk_token"] = unk
+        return {k: v for k, v in out.items() if v is not None}
+
+    @property
     def bos_token(self) -> str | None:
         """The bos token string, or None if the tokenizer has no bos."""
         return None if self.bos_id is None else self.id_to_token(self.bos_id)
@@ -83,6 +95,41 @@ class Tokenizer(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def _read_chat_files(directory: Path) -> tuple[str | None, str | None]:
+    """(own chat template, config.json model_type) from a tokenizer's directory.
+
+    Like transformers, ``chat_template.jinja`` wins over ``chat_template`` in
+    ``tokenizer_config.json``; a list of named templates gives its "default".
+    """
+    template = None
+    jinja_file, config_file = directory / "chat_template.jinja", directory / "tokenizer_config.json"
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    elif config_file.is_file():
+        value = _read_json(config_file).get("chat_template")
+        if isinstance(value, list):
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+            if "default" not in named:
+                raise ValueError(f"{config_file}: chat_template lists named templates {sorted(named)} but none "
+                                 "is named 'default'")  # fmt: skip
+            value = named["default"]
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{config_file}: chat_template must be a string, got {type(value).__name__}")
+        template = value
+    model_type = None
+    if (directory / "config.json").is_file():
+        model_type = _read_json(directory / "config.json").get("model_type")
+    return template, model_type
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return value if isinstance(value, dict) else {}
 
 
 def _existing_file(path: str | Path) -> Path:
@@ -253,204 +300,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     )
 
 
-# ---------------------------------------------------------------- chat templates
-
-QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-Message = Mapping[str, str]
-# A rendered conversation as (text, is_assistant_region) pieces.
-Parts = list[tuple[str, bool]]
-
-
-@dataclass(frozen=True)
-class ChatEncoding:
-    """A rendered conversation: token ids, loss mask, and the rendered text."""
-
-    ids: list[int]
-    assistant_mask: list[bool]
-    text: str
-
-    def __post_init__(self):
-        if len(self.ids) != len(self.assistant_mask):
-            raise ValueError(f"{len(self.ids)} ids but {len(self.assistant_mask)} mask entries")
-
-
-def _render_llama3(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
-    parts: Parts = []
-    for m in messages:
-        header, body = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", m["content"].strip() + "<|eot_id|>"
-        parts += [(header, False), (body, m["role"] == "assistant")]
-    if add_generation_prompt:
-        parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
-    return parts
-
-
-def _render_chatml(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
-    parts: Parts = []
-    for m in messages:
-        header, body = f"<|im_start|>{m['role']}\n", m["content"] + "<|im_end|>"
-        parts += [(header, False), (body, m["role"] == "assistant"), ("\n", False)]
-    if add_generation_prompt:
-        parts.append(("<|im_start|>assistant\n", False))
-    return parts
-
-
-def _render_qwen25(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
-    # Qwen2.5's official template injects this system prompt when none is given.
-    if messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": QWEN25_DEFAULT_SYSTEM}, *messages]
-    return _render_chatml(messages, add_generation_prompt)
-
-
-def _render_gemma(messages: Sequence[Message], add_generation_prompt: bool) -> Parts:
-    # Gemma has no system turn: Gemma 3 prepends the system text (untrimmed,
-    # plus a blank line) to the first user turn.
-    prefix = ""
-    if messages[0]["role"] == "system":
-        if len(messages) == 1:
-            raise ValueError("gemma template: a system message needs a following user message to attach to")
-        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
-    parts: Parts = []
-    for i, m in enumerate(messages):
-        role = "model" if m["role"] == "assistant" else m["role"]
-        body = (prefix if i == 0 else "") + m["content"].strip() + "<end_of_turn>"
-        parts += [(f"<start_of_turn>{role}\n", False), (body, m["role"] == "assistant"), ("\n", False)]
-    if add_generation_prompt:
-        parts.append(("<start_of_turn>model\n", False))
-    return parts
-
-
-@dataclass(frozen=True)
-class _Template:
-    render: Callable[[Sequence[Message], bool], Parts]
-    special_tokens: tuple[str, ...]  # must each be a single, text-matchable id
-    end_of_turn: str
-    uses_bos: bool
-
-
-_LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-_TEMPLATES: dict[str, _Template] = {
-    "llama3": _Template(_render_llama3, _LLAMA3_TOKENS, "<|eot_id|>", uses_bos=True),
-    "chatml": _Template(_render_chatml, _CHATML_TOKENS, "<|im_end|>", uses_bos=False),
-    "qwen2.5": _Template(_render_qwen25, _CHATML_TOKENS, "<|im_end|>", uses_bos=False),
-    "gemma": _Template(_render_gemma, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", uses_bos=True),
-}
-CHAT_TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
-ROLES = ("system", "user", "assistant")
-
-
-def _get_template(name: str) -> _Template:
-    if name not in _TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; valid templates: {', '.join(CHAT_TEMPLATES)}")
-    return _TEMPLATES[name]
-
-
-def end_of_turn_token(template: str) -> str:
-    """The token string that ends a turn in `template` (a sampler stop token)."""
-    return _get_template(template).end_of_turn
-
-
-def template_special_tokens(template: str) -> tuple[str, ...]:
-    """The special token strings `template` writes (turn and role-header
-    delimiters, end of turn); each is a single id in a compatible tokenizer."""
-    return _get_template(template).special_tokens
-
-
-def validate_messages(messages: Sequence[Message]) -> None:
-    """Raise ValueError (naming the message index) unless `messages` is an
-    optional leading system message followed by alternating user/assistant
-    turns starting with user, each with str content."""
-    if not messages:
-        raise ValueError("messages is empty")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} ({role}): content must be a str, got {type(m.get('content')).__name__}")
-        if role == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message is only allowed as the first message")
-    start = 1 if messages[0]["role"] == "system" else 0
-    for i in range(start, len(messages)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if messages[i]["role"] != expected:
-            raise ValueError(
-                f"message {i}: expected role {expected!r}, got {messages[i]['role']!r} (after an optional "
-                "leading system message, roles must alternate user, assistant, user, ...)"
-            )
-
-
-def _check_template_tokens(tokenizer: Tokenizer, name: str, tokens: Iterable[str]) -> None:
-    # Once per tokenizer and template: a data pre-pass renders every row.
-    checked = tokenizer.__dict__.setdefault("_checked_templates", set())
-    if name in checked:
-        return
-    for token in tokens:
-        try:
-            token_id = tokenizer.token_to_id(token)
-        except KeyError:
-            raise ValueError(
-                f"chat template {name!r} needs special token {token!r}, which {tokenizer.path} does not have"
-            ) from None
-        if tokenizer.encode(token) != [token_id]:
-            raise ValueError(
-                f"chat template {name!r}: {token!r} is in {tokenizer.path} but is not encoded as the single id "
-                f"{token_id} when it appears in text; it must be an added/special token (HF) or a "
-                "user_defined_symbol (SentencePiece)"
-            )
-    checked.add(name)
-
-
-def _join(parts: Parts) -> tuple[str, list[tuple[int, int]]]:
-    """Concatenate parts, returning the text and the char spans of assistant parts."""
-    regions, pos = [], 0
-    for text, is_assistant in parts:
-        if is_assistant:
-            regions.append((pos, pos + len(text)))
-        pos += len(text)
-    return "".join(text for text, _ in parts), regions
-
-
-def _overlap_mask(offsets: Offsets, regions: list[tuple[int, int]], n_chars: int) -> list[bool]:
-    """True for each token whose char span overlaps one of `regions`."""
-    inside = [False] * n_chars
-    for start, end in regions:
-        inside[start:end] = [True] * (end - start)
-    # prefix[k] = number of assistant chars before position k: O(1) overlap test.
-    prefix = [0, *accumulate(inside)]
-    mask = []
-    for start, end in offsets:
-        if end > start:
-            mask.append(prefix[end] - prefix[start] > 0)
-        else:  # zero-width span (e.g. a leading byte of a multi-byte char)
-            mask.append(start < n_chars and inside[start])
-    return mask
-
-
-def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, template: str,
-                add_generation_prompt: bool = False, add_bos: bool = True) -> ChatEncoding:  # fmt: skip
-    """Render `messages` with a built-in `template` and tokenize it.
-
-    Returns ids, the assistant mask (see the module docstring) and the text.
-    Templates without a bos (chatml, qwen2.5) ignore `add_bos`. The bos is
-    prepended as an id rather than parsed from the text, because SentencePiece
-    never matches control symbols in text; so ``ids ==
-    tokenizer.encode(text_after_bos, add_bos=True)``, which for HF tokenizers
-    also equals ``tokenizer.encode(text)``. Content is not escaped: special
-    tokens written inside a message become special ids, as in HF.
-    """
-    spec = _get_template(template)
-    validate_messages(messages)
-    _check_template_tokens(tokenizer, template, spec.special_tokens)
-    add_bos = add_bos and spec.uses_bos
-    if add_bos and tokenizer.bos_id is None:
-        raise ValueError(f"template {template!r} with add_bos=True needs a bos token, but {tokenizer.path} has none")
-    body, regions = _join(spec.render(messages, add_generation_prompt))
-    ids, offsets = tokenizer.encode_with_offsets(body)
-    mask = _overlap_mask(offsets, regions, len(body))
-    if not add_bos:
-        return ChatEncoding(ids=ids, assistant_mask=mask, text=body)
-    return ChatEncoding(ids=[tokenizer.bos_id, *ids], assistant_mask=[False, *mask], text=tokenizer.bos_token + body)
+# Chat templates live in posttrain_jax.chat; re-exported here, where callers have always found them.
+from posttrain_jax.chat import (  # noqa: E402
+    AUTO,
+    CHAT_TEMPLATES,
+    MODEL_TYPE_TEMPLATES,
+    QWEN25_DEFAULT_SYSTEM,
+    ROLES,
+    ChatEncoding,
+    ChatTemplate,
+    end_of_turn_token,
+    render_chat,
+    resolve_template,
+    template_special_tokens,
+    validate_messages,
+)

@@ -14,7 +14,7 @@ def test_sft_step_benchmark_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sft_step.py"), "--quick", "--preset", "tiny-llama", "--batch", "2",
          "--seq-len", "32", "--steps", "2", "--warmup", "1", "--rounds", "1", "--peak-size", "256",
-         "--out", str(out)], capture_output=True, text=True, timeout=600,
+         "--devices", "2", "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600,
         env={**os.environ, "XLA_FLAGS": ""})  # the real single CPU device, not the tests' 8 fake ones
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -22,6 +22,12 @@ def test_sft_step_benchmark_smoke(tmp_path):
     assert {("matmul_peak", "jax"), ("sft_step", "posttrain_jax"), ("sft_step", "pytorch")} <= benches
     ratio = [r for r in rows if r["bench"] == "sft_step_ratio"][0]
     assert ratio["ours_tokens_per_s"] > 0 and ratio["pytorch_tokens_per_s"] > 0 and "ours_mfu" in ratio
+    assert ratio["limit_tokens_per_s"] > 0 and ratio["limit_step_time_s"] > 0
+    ours = [r for r in rows if r.get("framework") == "posttrain_jax"][0]
+    assert ours["devices"] == 2  # one CPU device per core, data parallel
+    profile = ours["op_profile"]
+    assert profile["op_time_ms"] > 0 and abs(sum(profile["by_kind"].values()) - 1.0) < 1e-3
+    assert profile["by_kind"].get("matmul", 0) > 0 and profile["top_ops"]
 
 
 def test_decode_benchmark_smoke(tmp_path):
@@ -48,3 +54,32 @@ def test_decode_benchmark_smoke(tmp_path):
     assert summary["roofline_fp32"]["tokens_per_s_all_weights"] > 0 and "loadavg_start" in summary
     # Same weights and prompts on both sides: fp32 greedy tokens agree.
     assert summary["greedy_agreement"]["jax-fp32 vs torch-fp32"]["rows_identical"] == 2
+
+
+def test_rl_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "rl.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rl_step.py"), "--quick", "--preset", "tiny-llama", "--prompts",
+         "2", "--group", "2", "--new-tokens", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["grpo", "grpo-offpolicy", "ppo"]
+    for r in rows:
+        assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and 0 < r["generate_share"] < 1
+
+
+def test_aot_table_smoke(tmp_path):
+    """One tiny row of the AOT table (libtpu's compiler, compile-only devices)."""
+    import pytest
+    pytest.importorskip("libtpu", reason="needs the tpu-compile extra (libtpu)")
+    out = tmp_path / "aot.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_table.py"), "--quick", "--rows",
+                             "tiny-v5e4-head", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": ""}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in row, row
+    assert row["part"] == "loss_head" and row["topology"] == "v5e-4"
+    assert row["argument_bytes"] > 0 and row["temp_bytes"] < 2**30
+    assert "| tiny-v5e4-head | v5e-4 | 256 x 2 |" in result.stdout

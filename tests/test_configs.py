@@ -16,8 +16,16 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.py")))
 
 def _trainer(path):
     name = os.path.basename(path)
+    if os.path.basename(os.path.dirname(path)) == "rl" or name.startswith("rlvr"):
+        return importlib.import_module("posttrain_jax.trainers.rl")
     if name.startswith("grpo") or os.path.basename(os.path.dirname(path)) == "grpo":
         return importlib.import_module("posttrain_jax.trainers.grpo")
+    if name.startswith("iterative") or name.startswith("pipeline"):
+        return importlib.import_module("posttrain_jax.trainers.pipeline")
+    if name.startswith("distill"):
+        return importlib.import_module("posttrain_jax.trainers.distill")
+    if name.startswith("eval"):
+        return importlib.import_module("posttrain_jax.eval.command")
     if name.startswith("rejection"):
         return importlib.import_module("posttrain_jax.trainers.rejection")
     if name.startswith("sft"):
@@ -35,6 +43,15 @@ def _trainer(path):
 def test_config_loads_with_known_keys(path):
     config = load_config(path)
     check_keys(config, _trainer(path).default_config())
+
+
+def test_pipeline_configs_stage_overrides_are_valid_trainer_keys():
+    from posttrain_jax.trainers.pipeline import validate_overrides
+    for name in ("configs/llama3/iterative.py", "configs/quickstart/pipeline.py"):
+        validate_overrides(load_config(os.path.join(ROOT, name)))
+    c = load_config(os.path.join(ROOT, "configs/llama3/iterative.py"))
+    assert (c.rounds, c.rejection.overrides.rejection.num_samples, c.sft.init, c.dpo.overrides.train.beta,
+            c.dpo.overrides.train.nll_coef, c.dpo.overrides.optim.learning_rate) == (6, 20, "base", 0.1, 0.2, 1e-5)
 
 
 def test_tulu3_recipes():

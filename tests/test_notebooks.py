@@ -152,6 +152,8 @@ def test_tulu3_loss_ablation_notebook(workdir):
     # The notebook made its own 8 CPU devices: a data-parallel split really ran, and only the legacy mean moved.
     assert any(r["split"][0] > 1 for r in rows if r["kind"] == "gradient")
     assert grads["token_mean"] < 2e-5 < 1e-2 < grads["mean_per_microbatch"]
+    runs = [r for r in rows if r["kind"] == "train"]
+    assert len(runs) == 4 and all("eval_exact_match_long" in r for r in runs)
 
 
 def test_dpo_notebook(workdir):

@@ -271,13 +271,17 @@ def _masked_text(tok, enc):
 
 
 def test_template_names():
-    assert set(CHAT_TEMPLATES) == {"llama3", "chatml", "qwen2.5", "gemma"}
+    assert set(CHAT_TEMPLATES) == {"llama3", "llama3.1", "chatml", "qwen2.5", "qwen3", "gemma"}
     assert [end_of_turn_token(t) for t in ("llama3", "chatml", "qwen2.5", "gemma")] == [
         "<|eot_id|>", "<|im_end|>", "<|im_end|>", "<end_of_turn>",
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+# The "\n" chatml, Qwen and Gemma write after the end of turn is in the mask (open-instruct / TRL convention).
+AFTER_EOT = {"llama3": "", "chatml": "\n", "qwen2.5": "\n", "gemma": "\n"}
+
+
+@pytest.mark.parametrize("template", list(EXPECTED))
 def test_render_two_turns(tok, template):
     enc = render_chat(tok, [SYSTEM, *CONVERSATION], template=template)
     expected = EXPECTED[template].format(bos=tok.bos_token)
@@ -285,13 +289,13 @@ def test_render_two_turns(tok, template):
     assert enc.ids == _expected_ids(tok, expected)
     if isinstance(tok, HFTokenizer):  # HF parses the bos string in text too
         assert enc.ids == tok.encode(expected)
-    eot = end_of_turn_token(template)
+    eot = end_of_turn_token(template) + AFTER_EOT[template]
     assert _masked_text(tok, enc) == f"The cat sat on the mat.{eot}The dog is lazy.{eot}"
     assert not enc.assistant_mask[0]  # bos or header
-    assert enc.assistant_mask[-1] == (template == "llama3")  # chatml/gemma end with an unmasked "\n"
+    assert enc.assistant_mask[-1]
 
 
-@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+@pytest.mark.parametrize("template", list(EXPECTED))
 def test_generation_prompt(tok, template):
     messages = [SYSTEM, *CONVERSATION[:3]]
     enc = render_chat(tok, messages, template=template, add_generation_prompt=True)
@@ -300,7 +304,7 @@ def test_generation_prompt(tok, template):
     assert expected.endswith(GENERATION_PROMPT[template])
     assert enc.text == expected
     assert enc.ids == _expected_ids(tok, expected)
-    assert _masked_text(tok, enc) == f"The cat sat on the mat.{end_of_turn_token(template)}"
+    assert _masked_text(tok, enc) == f"The cat sat on the mat.{end_of_turn_token(template)}{AFTER_EOT[template]}"
     without = render_chat(tok, messages, template=template)
     assert enc.text == without.text + GENERATION_PROMPT[template]
 
@@ -336,13 +340,13 @@ def test_gemma_without_system(tok):
         render_chat(tok, [SYSTEM], template="gemma")
 
 
-@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+@pytest.mark.parametrize("template", list(EXPECTED))
 def test_mask_with_multibyte_and_special_boundaries(tok, template):
     # Byte-fallback / byte-level pieces of multi-byte chars sit right at region edges.
     answer = "é🙂 ok ü"
     enc = render_chat(tok, [{"role": "user", "content": "ünï?"}, {"role": "assistant", "content": answer}],
                       template=template)  # fmt: skip
-    assert _masked_text(tok, enc) == answer + end_of_turn_token(template)
+    assert _masked_text(tok, enc) == answer + end_of_turn_token(template) + AFTER_EOT[template]
 
 
 @pytest.mark.parametrize(
@@ -366,7 +370,7 @@ def test_validation_errors(sp_tok, messages, match):
 
 
 def test_unknown_template_lists_valid_ones(sp_tok):
-    with pytest.raises(ValueError, match=r"unknown chat template 'vicuna'.*llama3, chatml, qwen2\.5, gemma"):
+    with pytest.raises(ValueError, match=r"unknown chat template 'vicuna'.*llama3, llama3\.1, chatml, qwen2\.5"):
         render_chat(sp_tok, CONVERSATION, template="vicuna")
     with pytest.raises(ValueError, match="valid templates"):
         end_of_turn_token("vicuna")
@@ -417,9 +421,9 @@ HF_JINJA = {
         "{% for message in messages %}{% if message.role != 'system' %}"
         "{{ '<|im_start|>' + message.role + '\n' }}"
         "{% if message.role == 'assistant' %}"
-        "{% generation %}{{ message.content + '<|im_end|>' }}{% endgeneration %}"
-        "{% else %}{{ message.content + '<|im_end|>' }}{% endif %}"
-        "{{ '\n' }}{% endif %}{% endfor %}"
+        "{% generation %}{{ message.content + '<|im_end|>\n' }}{% endgeneration %}"
+        "{% else %}{{ message.content + '<|im_end|>\n' }}{% endif %}"
+        "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "gemma": (
@@ -430,8 +434,8 @@ HF_JINJA = {
         "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
         "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
         "{% if role == 'model' %}"
-        "{% generation %}{{ message['content'] | trim + '<end_of_turn>' }}{% endgeneration %}"
-        "{% else %}{{ message['content'] | trim + '<end_of_turn>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% generation %}{{ message['content'] | trim + '<end_of_turn>\n' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     ),
 }

@@ -38,7 +38,7 @@ def get_config():
     c.grpo.advantage_scale = "group"
     c.grpo.num_iterations = 1
     c.grpo.num_minibatches = 1
-    c.grpo.loss_chunk_size = 256
+    c.grpo.loss_chunk_size = 0  # automatic: the fused LM head holds ~128 MiB of logits per device at a time
     c.train.steps = 0  # one epoch of the prompts
     c.train.accum_steps = 16
     c.train.log_every = 1

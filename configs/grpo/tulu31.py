@@ -34,7 +34,7 @@ def get_config():
     c.grpo.kl_estimator = "k3"
     c.grpo.loss_aggregation = "token_mean"
     c.grpo.num_iterations = 1
-    c.grpo.loss_chunk_size = 512
+    c.grpo.loss_chunk_size = 0  # automatic: the fused LM head holds ~128 MiB of logits per device at a time
     c.train.steps = 0
     c.train.accum_steps = 16
     c.train.log_every = 1

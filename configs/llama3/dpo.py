@@ -29,7 +29,7 @@ def get_config():
     c.train.beta = 0.1
     c.train.nll_coef = 0.2
     c.train.nll_normalization = "token"
-    c.train.loss_chunk_size = 1024
+    c.train.loss_chunk_size = 0  # automatic: the fused LM head holds ~128 MiB of logits per device at a time
     c.optim.learning_rate = 1e-5
     c.optim.warmup_ratio = 0.0
     c.optim.schedule = "linear"

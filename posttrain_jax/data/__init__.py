@@ -1,4 +1,6 @@
-"""SFT data: local JSONL/Parquet sources -> mixed, packed, per-host batches.
+"""SFT data: local JSONL / JSON / Parquet / ShareGPT / HF datasets sources -> mixed, packed, per-host batches.
+
+Sources and row formats are described in `posttrain_jax.data.sources`.
 
 Typical use::
 
@@ -20,7 +22,8 @@ padding; padding is 0 in every array).
 
 Public API:
 
-- `SourceSpec(path, weight=None, epochs=1.0, name=None)`: a source of a mixture.
+- `SourceSpec(path, weight=None, epochs=1.0, name=None, normalize=False)`: a source of a mixture
+  (`normalize`: ShareGPT role aliases and merged turns).
 - `make_sft_pipeline(sources, tokenizer, *, template, seq_len, global_batch,
   packing=True, train_on="assistant", length_policy="truncate",
   on_bad_row="error", seed=0, epochs=None, process_index=None,

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain_jax.data.sources import Conversation, DataError, read_rows, to_conversation
+from posttrain_jax.data.sources import Conversation, DataError, bad_row_reason, count_rows, read_rows, to_conversation
 from posttrain_jax.data.stats import SourceStats
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.tokenizer import Tokenizer, render_chat
 
 TRAIN_ON = ("assistant", "all")
@@ -93,14 +94,16 @@ def encode_conversation(tokenizer: Tokenizer, conversation: Conversation, *, tem
 
 def tokenize_source(path: str | Path, tokenizer: Tokenizer, *, template: str, seq_len: int,
                     train_on: str = "assistant", length_policy: str = "truncate", on_bad_row: str = "error",
-                    name: str | None = None) -> TokenizedSource:  # fmt: skip
+                    name: str | None = None, normalize: bool = False) -> TokenizedSource:  # fmt: skip
     """Read and tokenize every row of a source (file, directory or glob).
 
     Examples longer than ``seq_len + 1`` tokens (``seq_len`` once shifted) are
     cut to their first ``seq_len + 1`` tokens (length_policy="truncate") or
     dropped ("drop"). Examples with no loss token left are dropped. A
     malformed row raises `DataError` naming its file and line (Parquet: row),
-    or with on_bad_row="skip" is counted and its message kept for the report.
+    or with on_bad_row="skip" is counted (per reason) and its message kept
+    for the report. `normalize`: ShareGPT role aliases and merged turns (see
+    `posttrain_jax.data.sources`). A progress bar shows rows, rate and ETA.
     """
     check_choice("train_on", train_on, TRAIN_ON)
     check_choice("length_policy", length_policy, LENGTH_POLICIES)
@@ -110,18 +113,20 @@ def tokenize_source(path: str | Path, tokenizer: Tokenizer, *, template: str, se
     stats = SourceStats(name=name or str(path))
     max_ids = seq_len + 1
     ids_out, trained_out, offsets = array("i"), bytearray(), array("q", [0])
+    bar = progress_bar(count_rows(path), desc=f"tokenizing {stats.name}", unit="row")
     for row in read_rows(path):
+        bar.update()
         stats.rows += 1
         try:
             if row.parse_error is not None:
                 raise ValueError(row.parse_error)
-            ids, trained = encode_conversation(tokenizer, to_conversation(row.record), template=template,
-                                               train_on=train_on)  # fmt: skip
+            conversation = to_conversation(row.record, normalize=normalize)
+            ids, trained = encode_conversation(tokenizer, conversation, template=template, train_on=train_on)
         except ValueError as e:
             message = f"{row.location}: {e}"
             if on_bad_row == "error":
                 raise DataError(message + ' (pass on_bad_row="skip" to skip and count bad rows)') from e
-            stats.add_bad_row(message)
+            stats.add_bad_row(message, bad_row_reason(e))
             continue
         truncated = len(ids) > max_ids
         if truncated:
@@ -141,6 +146,7 @@ def tokenize_source(path: str | Path, tokenizer: Tokenizer, *, template: str, se
         ids_out.extend(ids)
         trained_out.extend(trained)
         offsets.append(len(ids_out))
+    bar.close()
     return TokenizedSource(
         stats=stats,
         ids=np.frombuffer(ids_out, dtype=np.int32).copy() if ids_out else np.zeros(0, np.int32),

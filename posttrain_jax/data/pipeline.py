@@ -48,12 +48,16 @@ class SourceSpec:
     epochs: passes over the source; fractional values subsample (0.5) or
       upsample (2.5) it.
     name: label in the stats report (default: the path).
+    normalize: ShareGPT rows: map role aliases (chatgpt, bing, bard, user,
+      ...) and merge consecutive turns of one role instead of counting those
+      rows as bad (see `posttrain_jax.data.sources`).
     """
 
     path: str | Path
     weight: float | None = None
     epochs: float = 1.0
     name: str | None = None
+    normalize: bool = False
 
 
 def _as_specs(sources) -> list[SourceSpec]:
@@ -62,9 +66,10 @@ def _as_specs(sources) -> list[SourceSpec]:
     specs = []
     for source in sources:
         if isinstance(source, Mapping):  # e.g. a config dict {"path": ..., "weight": ...}
-            unknown = set(source) - {"path", "weight", "epochs", "name"}
+            unknown = set(source) - {"path", "weight", "epochs", "name", "normalize"}
             if unknown:
-                raise ValueError(f"unknown data source key(s) {sorted(unknown)}; valid: path, weight, epochs, name")
+                raise ValueError(f"unknown data source key(s) {sorted(unknown)}; valid: path, weight, epochs, name, "
+                                 "normalize")
             source = SourceSpec(**source)
         elif not isinstance(source, SourceSpec):
             source = SourceSpec(path=source)
@@ -253,7 +258,8 @@ def _build(sources: list[TokenizedSource], specs: list[SourceSpec], *, seq_len: 
 
 def _tokenize_all(specs: list[SourceSpec], tokenizer: Tokenizer, **kwargs) -> list[TokenizedSource]:
     check_template(tokenizer, kwargs["template"])
-    return [tokenize_source(spec.path, tokenizer, name=spec.name, **kwargs) for spec in specs]
+    return [tokenize_source(spec.path, tokenizer, name=spec.name, normalize=spec.normalize, **kwargs)
+            for spec in specs]
 
 
 def make_sft_pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, global_batch: int,

@@ -23,7 +23,9 @@ the response and shifted on its own exactly like an SFT example (see
   (1 = "significantly better", ..., 4 = "marginally better");
 - ``chosen_last``, ``rejected_last``: int32 ``[R, P]``, the column of the
   sequence's last position (a reward model reads its score there; the
-  input token there is the sequence's second-to-last id), 0 for empty slots.
+  input token there is the sequence's second-to-last id, or with
+  ``reward_inputs`` its last: the conversation's last token), 0 for empty
+  slots.
 
 Every key has the rows as its leading axis and a pair never spans rows, so
 any split of the rows (hosts, data-parallel devices, gradient-accumulation
@@ -65,7 +67,7 @@ from posttrain_jax.data.preference_rows import (
     normalize_keep_strengths,
     tokenize_preference_source,
 )
-from posttrain_jax.data.stats import PipelineStats
+from posttrain_jax.data.stats import PipelineStats, bad_row_reason_lines
 from posttrain_jax.data.synthetic import generate_problems
 from posttrain_jax.tokenizer import Tokenizer
 
@@ -110,6 +112,7 @@ class PreferenceStats(PipelineStats):
             }
             if any(dropped.values()):
                 lines.append("    " + ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
+            lines += bad_row_reason_lines(s)
             lines += [f"    skipped: {message}" for message in s.bad_row_samples]
             if s.skipped_bad_rows > len(s.bad_row_samples):
                 lines.append(f"    ... and {s.skipped_bad_rows - len(s.bad_row_samples)} more bad rows")
@@ -208,7 +211,8 @@ class PreferenceBatchIterator(BatchIterator):
 
 
 def _pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, global_pairs: int, packing: bool,
-              mask_special_tokens: bool, keep_strengths, strength_margins, length_policy: str, on_bad_row: str,
+              mask_special_tokens: bool, reward_inputs: bool, keep_strengths, strength_margins,
+              length_policy: str, on_bad_row: str,
               seed: int, epochs: float | None, train: bool, rows_multiple: int, process_index: int | None,
               process_count: int | None) -> tuple[PreferenceBatchIterator, PreferenceStats]:  # fmt: skip
     specs = _as_specs(sources)
@@ -223,7 +227,8 @@ def _pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, glo
     process_index, process_count, pairs = _host_layout(global_pairs, process_index, process_count,
                                                        name="global_pairs")  # fmt: skip
     keep = normalize_keep_strengths(keep_strengths)
-    encoder = PairEncoder(tokenizer, template=template, mask_special_tokens=mask_special_tokens)
+    encoder = PairEncoder(tokenizer, template=template, mask_special_tokens=mask_special_tokens,
+                          reward_inputs=reward_inputs)
     tokenized = [
         tokenize_preference_source(spec.path, encoder, seq_len=seq_len, keep_strengths=keep,
                                    strength_margins=strength_margins, length_policy=length_policy,
@@ -265,7 +270,8 @@ def _pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, glo
     dataset = grain.MapDataset.source(_HostBatches(plan, num_batches, process_index))
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     fingerprint = plan.fingerprint(_STATE_VERSION, "preference", seq_len, global_pairs, packing, train,
-                                   mask_special_tokens, sorted(keep or ()), strength_margins)  # fmt: skip
+                                   mask_special_tokens, sorted(keep or ()), strength_margins,
+                                   *(("reward_inputs",) if reward_inputs else ()))  # fmt: skip
     iterator = PreferenceBatchIterator(
         iter_dataset, global_pairs=global_pairs, pairs=pairs, pairs_per_row=plan.pairs_per_row,
         num_batches=num_batches, rows=plan.rows, seq_len=seq_len, global_batch=stats.global_batch,
@@ -275,7 +281,7 @@ def _pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, glo
 
 
 def make_preference_pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, global_pairs: int,
-                             packing: bool = False, mask_special_tokens: bool = False,
+                             packing: bool = False, mask_special_tokens: bool = False, reward_inputs: bool = False,
                              keep_strengths: Iterable[str] | None = None,
                              strength_margins: Mapping[str, float] | None = None, length_policy: str = "truncate",
                              on_bad_row: str = "error", seed: int = 0, epochs: float | None = None,
@@ -292,6 +298,11 @@ def make_preference_pipeline(sources, tokenizer: Tokenizer, *, template: str, se
     packing: several pairs per row (True) or one pair per row (False).
     mask_special_tokens: also leave the template's special tokens (end of
       turn, headers) and bos/eos out of the loss (Llama 3 DPO).
+    reward_inputs: for reward models: each sequence's *inputs* are its whole
+      rendered conversation (a filler target is appended), so the score read
+      at a segment's last position is at the conversation's last token, the
+      last non-pad token where transformers' ``*ForSequenceClassification``
+      reads it (``<|eot_id|>``, or the ``\\n`` after ``<|im_end|>``).
     keep_strengths: keep only rows with these strengths (e.g. Llama 3's
       ``["significantly better", "better"]``); rows without one are kept.
     strength_margins: margin per strength for rows without a ``margin``
@@ -307,7 +318,8 @@ def make_preference_pipeline(sources, tokenizer: Tokenizer, *, template: str, se
     partial one is dropped and counted.
     """
     return _pipeline(sources, tokenizer, template=template, seq_len=seq_len, global_pairs=global_pairs,
-                     packing=packing, mask_special_tokens=mask_special_tokens, keep_strengths=keep_strengths,
+                     packing=packing, mask_special_tokens=mask_special_tokens, reward_inputs=reward_inputs,
+                     keep_strengths=keep_strengths,
                      strength_margins=strength_margins, length_policy=length_policy, on_bad_row=on_bad_row,
                      seed=seed, epochs=epochs, train=True, rows_multiple=rows_multiple,
                      process_index=process_index, process_count=process_count)  # fmt: skip
@@ -315,7 +327,7 @@ def make_preference_pipeline(sources, tokenizer: Tokenizer, *, template: str, se
 
 def make_preference_eval_pipeline(sources, tokenizer: Tokenizer, *, template: str, seq_len: int, global_pairs: int,
                                   packing: bool = False, mask_special_tokens: bool = False,
-                                  keep_strengths: Iterable[str] | None = None,
+                                  reward_inputs: bool = False, keep_strengths: Iterable[str] | None = None,
                                   strength_margins: Mapping[str, float] | None = None,
                                   length_policy: str = "truncate", on_bad_row: str = "error",
                                   rows_multiple: int = 1, process_index: int | None = None,
@@ -328,7 +340,8 @@ def make_preference_eval_pipeline(sources, tokenizer: Tokenizer, *, template: st
     or epochs.
     """
     return _pipeline(sources, tokenizer, template=template, seq_len=seq_len, global_pairs=global_pairs,
-                     packing=packing, mask_special_tokens=mask_special_tokens, keep_strengths=keep_strengths,
+                     packing=packing, mask_special_tokens=mask_special_tokens, reward_inputs=reward_inputs,
+                     keep_strengths=keep_strengths,
                      strength_margins=strength_margins, length_policy=length_policy, on_bad_row=on_bad_row,
                      seed=0, epochs=None, train=False, rows_multiple=rows_multiple,
                      process_index=process_index, process_count=process_count)  # fmt: skip

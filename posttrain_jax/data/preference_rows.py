@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from posttrain_jax.data.examples import BAD_ROW_POLICIES, LENGTH_POLICIES, TokenizedSource, check_choice, check_template
-from posttrain_jax.data.sources import DataError, _as_messages, read_rows
+from posttrain_jax.data.sources import DataError, _as_messages, bad_row_reason, count_rows, read_rows
 from posttrain_jax.data.stats import SourceStats
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.tokenizer import (
     Tokenizer,
-    end_of_turn_token,
     render_chat,
     template_special_tokens,
     validate_messages,
@@ -186,11 +186,15 @@ class TokenizedPairs:
 class PairEncoder:
     """Renders a row's prompt and responses into token ids and loss flags."""
 
-    def __init__(self, tokenizer: Tokenizer, *, template: str, mask_special_tokens: bool = False):
+    def __init__(self, tokenizer: Tokenizer, *, template: str, mask_special_tokens: bool = False,
+                 reward_inputs: bool = False):  # fmt: skip
         check_template(tokenizer, template)
         self.tokenizer, self.template = tokenizer, template
-        self.end_of_turn = end_of_turn_token(template)
-        special = {tokenizer.token_to_id(t) for t in template_special_tokens(template)}
+        # reward_inputs: append a filler id (never an input, never trained) so
+        # that, once shifted, the inputs are the whole conversation.
+        filler = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        self.filler = [filler] if reward_inputs else []
+        special = {tokenizer.token_to_id(t) for t in template_special_tokens(template, tokenizer)}
         special |= {i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}
         self.masked_ids = frozenset(special) if mask_special_tokens else frozenset()
 
@@ -208,17 +212,16 @@ class PairEncoder:
         else:
             # The tokenizer merged across the prompt/reply boundary: encode the
             # reply's text on its own (as TRL does), so the prompt ids stay
-            # those of the prompt. The assistant region (content and end of
-            # turn) ends at the last end-of-turn token.
+            # those of the prompt. All of it is the reply's turn (content, end
+            # of turn and what the template writes after it, as `render_chat`
+            # masks a final assistant turn).
             if not full.text.startswith(prompt.text):
                 raise ValueError(f"template {self.template!r}: the conversation does not extend its prompt")
-            rest = full.text[len(prompt.text) :]
-            ids, offsets = self.tokenizer.encode_with_offsets(rest)
-            region_end = rest.rfind(self.end_of_turn) + len(self.end_of_turn)
-            trained = [start < region_end for start, _ in offsets]
+            ids = self.tokenizer.encode(full.text[len(prompt.text) :])
+            trained = [True] * len(ids)
         if self.masked_ids:
             trained = [t and i not in self.masked_ids for i, t in zip(ids, trained)]
-        return list(ids), list(trained)
+        return [*ids, *self.filler], [*trained, *([False] * len(self.filler))]
 
 
 def response_caps(prompt_len: int, lengths: tuple[int, int], seq_len: int) -> tuple[int, int] | None:
@@ -278,7 +281,9 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
     stats = PreferenceSourceStats(name=name or str(path))
     ids_out, trained_out, offsets = array("i"), bytearray(), array("q", [0])
     margins, strengths = array("f"), array("i")
+    bar = progress_bar(count_rows(path), desc=f"tokenizing {stats.name}", unit="row")
     for raw in read_rows(path):
+        bar.update()
         stats.rows += 1
         try:
             if raw.parse_error is not None:
@@ -295,7 +300,7 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
             message = f"{raw.location}: {e}"
             if on_bad_row == "error":
                 raise DataError(message + ' (pass on_bad_row="skip" to skip and count bad rows)') from e
-            stats.add_bad_row(message)
+            stats.add_bad_row(message, bad_row_reason(e))
             continue
         stats.edited_rows += "edited" in row.responses
         for better, worse in row.pairs():
@@ -327,6 +332,7 @@ def tokenize_preference_source(path: str | Path, encoder: PairEncoder, *, seq_le
             stats.truncated += truncated
             stats.tokens += 2 * len(prompt_ids) + cap_a + cap_b - 2
             stats.loss_tokens += loss_a + loss_b
+    bar.close()
     sequences = TokenizedSource(
         stats=stats,
         ids=np.frombuffer(ids_out, dtype=np.int32).copy() if ids_out else np.zeros(0, np.int32),

@@ -40,16 +40,27 @@ class SourceStats:
     draws: int = 0
     dropped_remainder: int = 0
     bad_row_samples: list[str] = field(default_factory=list)
+    # skipped_bad_rows split by reason ("unknown role 'bing'", "invalid JSON", ...).
+    bad_row_reasons: dict[str, int] = field(default_factory=dict)
 
-    def add_bad_row(self, message: str) -> None:
-        """Count a skipped row, keeping its message if few are kept so far."""
+    def add_bad_row(self, message: str, reason: str = "invalid row") -> None:
+        """Count a skipped row under `reason`, keeping its message if few are kept so far."""
         self.skipped_bad_rows += 1
+        self.bad_row_reasons[reason] = self.bad_row_reasons.get(reason, 0) + 1
         if len(self.bad_row_samples) < MAX_BAD_ROW_SAMPLES:
             self.bad_row_samples.append(message)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable copy (for metrics files)."""
         return dataclasses.asdict(self)
+
+
+def bad_row_reason_lines(s: SourceStats) -> list[str]:
+    """The report's line of skipped rows per reason, most frequent first (none if no bad rows)."""
+    if not s.bad_row_reasons:
+        return []
+    ranked = sorted(s.bad_row_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ["    bad rows by reason: " + ", ".join(f"{reason}: {n}" for reason, n in ranked)]
 
 
 @dataclass
@@ -110,6 +121,7 @@ class PipelineStats:
             }
             if any(dropped.values()):
                 lines.append("    " + ", ".join(f"{k}: {v}" for k, v in dropped.items() if v))
+            lines += bad_row_reason_lines(s)
             for message in s.bad_row_samples:
                 lines.append(f"    skipped: {message}")
             if s.skipped_bad_rows > len(s.bad_row_samples):

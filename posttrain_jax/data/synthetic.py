@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain_jax.tokenizer import QWEN25_DEFAULT_SYSTEM
+from posttrain_jax.chat import CHATML_JINJA, QWEN25_DEFAULT_SYSTEM
 
 # The special tokens of every template in posttrain_jax.tokenizer
 # (CHAT_TEMPLATES), so one tokenizer works with any of them; a test renders
@@ -97,6 +97,54 @@ def write_arithmetic_jsonl(path: str | Path, num_problems: int, *, seed: int = 0
     return path
 
 
+# The loss-aggregation ablation's task: the same problems in two reply lengths. A short reply is the bare
+# answer (about 3 loss tokens, all of them hard: the sum itself); a long reply works it
+# (about 30 loss tokens, most of them easy copies of the question's numbers). How a global batch's token
+# losses are averaged decides how much each kind of reply weighs: per token (`sum`, `token_mean`) the
+# long replies dominate; per micro-batch (`mean_per_microbatch`) the weight of each row grows as the
+# micro-batch shrinks, so short replies (and their hard tokens) count for more, by an amount that depends
+# on how the batch is split over devices and accumulation steps.
+LENGTH_STYLES = ("short", "long")
+_STYLE_SUFFIX = {"short": " Answer with the number only.", "long": " Explain step by step."}
+
+
+def length_mix_messages(problem: ArithmeticProblem, style: str) -> list[dict[str, str]]:
+    """The problem as a chat in one of `LENGTH_STYLES` (the user turn says which reply it wants)."""
+    if style == "short":
+        reply = str(problem.answer)
+    elif style == "long":
+        verb = "plus" if problem.op == "+" else "minus"
+        reply = (f"We start from {problem.a}. We compute {problem.a} {verb} {problem.b}. "
+                 f"{problem.a} {problem.op} {problem.b} = {problem.answer}. So the answer is {problem.answer}.")
+    else:
+        raise ValueError(f"unknown reply style {style!r}; expected one of {LENGTH_STYLES}")
+    return [{"role": "user", "content": problem.question + _STYLE_SUFFIX[style]},
+            {"role": "assistant", "content": reply}]
+
+
+def write_length_mix_jsonl(path: str | Path, num_problems: int, *, seed: int = 0, max_operand: int = MAX_OPERAND,
+                           long_fraction: float = 0.5, styles: tuple[str, ...] = LENGTH_STYLES) -> Path:
+    """Write problems with short or long replies (`long_fraction` of them long) as chat JSONL rows
+    ``{"messages": [...], "answer": int, "style": "short" | "long"}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 7919)
+    with path.open("w", encoding="utf-8") as f:
+        for problem in generate_problems(num_problems, seed=seed, max_operand=max_operand):
+            style = styles[0] if len(styles) == 1 else ("long" if rng.random() < long_fraction else "short")
+            row = {"messages": length_mix_messages(problem, style), "answer": problem.answer, "style": style}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def length_mix_corpus(num_problems: int = 2000, *, seed: int = 0) -> list[str]:
+    """`corpus()` plus both reply styles: a tokenizer for the ablation task."""
+    lines = corpus(num_problems, seed=seed)
+    for problem in generate_problems(num_problems // 4, seed=seed + 1):
+        lines += [m["content"] for style in LENGTH_STYLES for m in length_mix_messages(problem, style)]
+    return lines
+
+
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -129,7 +177,8 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
 
     Trained on `texts` (default: `corpus()`). The chat tokens of every
     template are user_defined_symbols (matched in text, as `render_chat`
-    needs); unk/bos/eos/pad are ids 0-3 (``<unk> <s> </s> <pad>``). Byte
+    needs), and a ChatML ``chat_template.jinja`` is written next to it
+    (its own template); unk/bos/eos/pad are ids 0-3 (``<unk> <s> </s> <pad>``). Byte
     fallback and identity normalisation make it lossless on any text; digits
     are split so numbers are digit sequences. `vocab_size` is an upper bound
     (a small corpus may support fewer pieces).
@@ -146,7 +195,17 @@ def train_sentencepiece(model_prefix: str | Path, texts: Iterable[str] | None = 
         add_dummy_prefix=False, remove_extra_whitespaces=False, character_coverage=1.0, num_threads=1,
         minloglevel=2,
     )  # fmt: skip
-    return model_prefix.with_name(model_prefix.name + ".model")
+    model_path = model_prefix.with_name(model_prefix.name + ".model")
+    ensure_chat_template(model_path)
+    return model_path
+
+
+def ensure_chat_template(model_path: str | Path) -> None:
+    """Give a quickstart tokenizer its own chat template (ChatML, ``chat_template.jinja`` next to it), so
+    chat_template="auto" renders with it; also for tokenizers written before templates were shipped."""
+    target = Path(model_path).parent / "chat_template.jinja"
+    if not target.exists():
+        target.write_text(CHATML_JINJA, encoding="utf-8")
 
 
 def make_quickstart_data(directory: str | Path, *, num_train: int = 20000, num_eval: int = 500, seed: int = 0,

@@ -42,8 +42,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax.rl.kl import KL_ESTIMATORS, kl_estimate
+from posttrain_jax.rl.policy_loss import masked, token_policy_loss
+
 SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
 # TRL 1.16 GRPOConfig.loss_type -> our aggregation (see the module docstring for bnpo).
 TRL_LOSS_TYPES = {"dapo": "token_mean", "bnpo": "token_mean", "grpo": "sequence_mean", "dr_grpo": "constant"}
@@ -141,35 +143,14 @@ def grpo_token_loss(logps: jax.Array, old_logps: jax.Array | None, advantages: j
     no_kl = isinstance(beta, (int, float)) and beta == 0
     if ref_logps is None and not no_kl:
         raise ValueError(f"beta={beta} weights a KL penalty: pass ref_logps (or set beta=0)")
-    f32 = jnp.float32
-    valid = mask > 0
-
-    def clean(x):
-        # `where` on the input, not the output: an inf outside the mask would make NaN gradients.
-        return jnp.where(valid, x.astype(f32), 0.0)
-
-    logps = clean(logps)
-    old = jax.lax.stop_gradient(logps) if old_logps is None else clean(old_logps)
-    advantages = advantages.astype(f32)
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-
-    ratio = jnp.exp(logps - old)
-    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
-    loss = -jnp.minimum(ratio * advantages, clipped * advantages)
-    is_low = (ratio < 1.0 - epsilon_low) & (advantages < 0)
-    is_high = (ratio > 1.0 + eps_high) & (advantages > 0)
-    terms = {"ratio": ratio, "is_low_clipped": is_low.astype(f32), "is_high_clipped": is_high.astype(f32),
-             "is_region_clipped": (is_low | is_high).astype(f32)}
+    loss, terms = token_policy_loss(logps, old_logps, advantages, mask, epsilon_low=epsilon_low,
+                                    epsilon_high=epsilon_high)
     if ref_logps is not None:
-        d = clean(ref_logps) - logps
-        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d * d, "k3": lambda: jnp.exp(d) - d - 1.0}[kl_estimator]()
+        kl = jnp.where(mask > 0, kl_estimate(masked(logps, mask), masked(ref_logps, mask), kl_estimator), 0.0)
         terms["kl"] = kl
         if not no_kl:
-            loss = loss + jnp.asarray(beta, f32) * kl
-    terms = {k: jnp.where(valid, v, 0.0) for k, v in terms.items()}
-    return jnp.where(valid, loss, 0.0), terms
+            loss = loss + jnp.asarray(beta, jnp.float32) * kl
+    return loss, terms
 
 
 def _sample_weights(mask: jax.Array, sample_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:

@@ -87,6 +87,9 @@ class ModelConfig:
     # Stack the parameters of repeating layers and run them with one `lax.scan` (compile time independent
     # of depth); False keeps one module per layer (`blocks.<i>`), the unrolled oracle.
     scan_layers: bool = True
+    # Attention kernel: auto | xla | blocked | splash | cudnn (posttrain_jax/models/attention.py).
+    attention: str = "auto"
+    attention_block: int = 512  # query/key block length of the blocked and splash kernels
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -111,6 +114,10 @@ class ModelConfig:
             problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.activation not in ("silu", "gelu_tanh"):
             problems.append(f"activation {self.activation!r} is not silu or gelu_tanh")
+        if self.attention not in ("auto", "xla", "blocked", "splash", "cudnn"):
+            problems.append(f"attention {self.attention!r} is not auto, xla, blocked, splash or cudnn")
+        if self.attention_block < 1:
+            problems.append(f"attention_block must be >= 1, got {self.attention_block}")
         if self.head not in ("lm", "scalar"):
             problems.append(f"head {self.head!r} is not 'lm' or 'scalar'")
         for name in ("dtype", "param_dtype"):

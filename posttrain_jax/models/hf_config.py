@@ -31,6 +31,63 @@ def _rope_from(params: dict | None, theta: float, where: str) -> RopeConfig:
                      f"(supported: default, linear, llama3)")
 
 
+# transformers' config defaults, used when config.json leaves the key out.
+_HF_SLIDING_WINDOW_DEFAULT = 4096
+_HF_MAX_WINDOW_LAYERS_DEFAULT = 28
+
+
+def _attention_layout(d: dict[str, Any], family: str, num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """(layer_types, sliding_window) exactly as transformers derives them for `family`.
+
+    - Qwen 2 / 3 (`Qwen2Config.__post_init__`): the window is ``sliding_window``
+      (default 4096) only when ``use_sliding_window``; without ``layer_types``,
+      layer ``i`` slides iff the window is set and ``i >= max_window_layers``
+      (default 28). ``layer_types`` naming sliding layers with
+      ``use_sliding_window`` off cannot run in transformers (its mask needs a
+      window), so it is refused here too.
+    - Gemma 3: ``layer_types``, else every ``sliding_window_pattern``-th layer
+      (default 6) is full; window default 4096. Bidirectional attention
+      (EmbeddingGemma) is refused.
+    - Llama: transformers' Llama has no sliding attention and ignores
+      ``layer_types``/``sliding_window``; a config asking for sliding layers is
+      refused rather than silently run without them.
+    """
+    given = d.get("layer_types")
+    if given is not None:
+        if len(given) != num_layers or any(t not in (FULL, SLIDING) for t in given):
+            raise ValueError(f"config.json: layer_types must list {num_layers} entries of {FULL!r} / {SLIDING!r}, "
+                             f"got {given}")
+    if family in ("qwen2", "qwen3"):
+        window = d.get("sliding_window", _HF_SLIDING_WINDOW_DEFAULT) if d.get("use_sliding_window", False) else None
+        if given is None:
+            first = d.get("max_window_layers", _HF_MAX_WINDOW_LAYERS_DEFAULT)
+            types = [SLIDING if window is not None and i >= first else FULL for i in range(num_layers)]
+        elif SLIDING in given and window is None:
+            raise ValueError("config.json: layer_types has sliding_attention layers but use_sliding_window is false "
+                             "or sliding_window is null (transformers cannot build this model either); set "
+                             "use_sliding_window: true and sliding_window, or make those layers full_attention")
+        else:
+            types = list(given)
+    elif family == "gemma3":
+        if d.get("use_bidirectional_attention"):
+            raise ValueError("config.json: use_bidirectional_attention (EmbeddingGemma) is not supported: "
+                             "posttrain-jax trains causal decoders")
+        window = d.get("sliding_window", _HF_SLIDING_WINDOW_DEFAULT)
+        pattern = d.get("sliding_window_pattern", 6)
+        types = list(given) if given is not None else [SLIDING if (i + 1) % pattern else FULL
+                                                       for i in range(num_layers)]
+    else:
+        if given is not None and SLIDING in given:
+            raise ValueError(f"config.json: model_type {d.get('model_type')!r} has no sliding-window attention in "
+                             "transformers, but layer_types lists sliding_attention layers")
+        types, window = [FULL] * num_layers, None
+    if SLIDING not in types:
+        return tuple(types), None
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"config.json: sliding layers need a positive integer sliding_window, got {window!r}")
+    return tuple(types), window
+
+
 def from_hf_config(raw: dict[str, Any], **overrides) -> ModelConfig:
     """ModelConfig from a transformers config dict (v4 or v5 style)."""
     d = dict(raw)
@@ -77,15 +134,10 @@ def from_hf_config(raw: dict[str, Any], **overrides) -> ModelConfig:
                   rope=_rope_from(global_params, d.get("rope_theta", 1_000_000.0), "rope (global layers)"),
                   local_rope=_rope_from(local_params, d.get("rope_local_base_freq", 10_000.0),
                                         "rope (sliding layers)"))
-        pattern = d.get("sliding_window_pattern", 6)
-        types = d.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(kw["num_layers"])]
     else:
         kw["rope"] = _rope_from(rope_params if rope_params else d.get("rope_scaling"),
                                 d.get("rope_theta", 10_000.0), "rope_parameters/rope_scaling")
-        types = d.get("layer_types") or [FULL] * kw["num_layers"]
-    kw["layer_types"] = tuple(types)
-    if SLIDING in types:
-        kw["sliding_window"] = d.get("sliding_window")
+    kw["layer_types"], kw["sliding_window"] = _attention_layout(d, family, kw["num_layers"])
     kw.update(overrides)
     return ModelConfig(**kw)
 

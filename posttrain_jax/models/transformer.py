@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from posttrain_jax.models.attention import attention, attention_mask, xla_attention
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
+from posttrain_jax.models.embedding import embed_lookup
 from posttrain_jax.models.stacking import layer_groups, stack_modules
 from posttrain_jax.sharding import constrain
-
-# A finite mask value keeps fully masked rows (padding queries) free of NaNs.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -106,16 +105,6 @@ class KVCache:
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
 
 
-def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None) -> jax.Array:
-    """[batch, q_len, k_len] bool: causal, same segment, key not padding, inside the window."""
-    mask = (k_slots[None, None, :] <= q_slots[None, :, None])
-    mask &= q_segments[:, :, None] == k_segments[:, None, :]
-    mask &= (k_segments != 0)[:, None, :]
-    if window is not None:
-        mask &= (q_slots[:, None] - k_slots[None, :] < window)[None]
-    return mask
-
-
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         c, pd = config, config.param_dtype
@@ -162,27 +151,25 @@ class Attention(nnx.Module):
             cache_kv = (k, v)
             q_slots = q_slots + start
             k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
-        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
-        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), mask)
+        # A whole row goes to the configured kernel (segment ids, no dense mask), and so does a
+        # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
+        # keys are this chunk's); a few queries against a longer cache keep the dense mask.
+        whole_row = cache_kv is None or k.shape[1] == length
+        mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c.dtype))
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)
         return out, cache_kv
 
-    def _attend(self, q, k, v, mask):
-        """Grouped-query attention; scores and softmax in float32."""
+    def _attend(self, q, k, v, segment_ids, mask=None):
+        """Grouped-query attention (posttrain_jax.models.attention); softmax in float32."""
         c = self.config
-        b, t, h, d = q.shape
-        groups = h // c.num_kv_heads
-        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
-        q = q.reshape(b, t, c.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        if c.attn_logit_softcap is not None:
-            scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return out.reshape(b, t, h, d)
+        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
+        if mask is not None:
+            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
+        return attention(q, k, v, segment_ids, implementation=c.attention, scale=scale,
+                         softcap=c.attn_logit_softcap, window=self.window, block=c.attention_block)
 
 
 class MLP(nnx.Module):
@@ -294,10 +281,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
-        # Gather from a table whose hidden dim is whole: a vocab-sharded gather is a
-        # masked lookup + all-reduce, which GSPMD partitions without replicating.
-        table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(c.dtype)
+        x = embed_lookup(self.embed[...], tokens, c.dtype)  # table and gradient stay sharded
         if c.embed_scale:  # Gemma rounds sqrt(hidden) to the compute dtype first
             x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
@@ -343,6 +327,14 @@ class Decoder(nnx.Module):
                                                       cache_segments, start)
             cache_kv = _put_layer_kv(cache_kv, kv, layer)
         return x, cache_kv
+
+    def head_kernel(self) -> tuple[jax.Array, bool]:
+        """(LM head kernel in the compute dtype, True if it is the tied [vocab, hidden] embedding
+        rather than an untied [hidden, vocab] kernel), for `losses.logprobs.lm_head_logprobs`."""
+        c = self.config
+        if c.tie_embeddings:
+            return self.embed[...].astype(c.dtype), True
+        return self.lm_head[...].astype(c.dtype), False
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """LM logits [batch, length, vocab] (or scalars [batch, length] for a scalar head)."""

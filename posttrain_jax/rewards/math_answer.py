@@ -17,11 +17,12 @@ Two steps, each a pure function of strings:
    as exact rationals (so "3.0" == "3", "\\frac{1}{2}" == "0.5" == "1/2",
    "1,000" == "1000", "1e3" == "1000") within a relative tolerance; a
    percent sign on one side only also allows value/100 ("50%" == "0.5", and
-   "50%" == "50" as in MATH's grader, which strips "\\%"). Otherwise the
-   cleaned strings, with all whitespace removed, must be equal.
+   "50%" == "50" as in MATH's grader, which strips "\\%"). Equal cleaned
+   strings (whitespace removed) match. Anything else goes to Hugging Face's
+   `math-verify` (`posttrain_jax.rewards.symbolic`): roots, symbolic
+   expressions, intervals, tuples, sets, choice letters, with bounded time.
 
-No sympy: symbolic equivalence (``x+1`` vs ``1+x``) is out of scope, which
-keeps rewards fast, deterministic and free of timeouts. Learned from the
+The fast paths decide most answers without sympy. Learned from the
 Hendrycks MATH ``strip_string``, Minerva's ``normalize_final_answer`` (as in
 open-instruct's ``math_utils.py``), open-instruct's GSM8K verifier and the
 Qwen2.5-Math grader; written independently.
@@ -121,9 +122,24 @@ def _cut_sentence(answer: str) -> str:
     return (answer[:match.start()] if match else answer).strip()
 
 
+# Where an answer stated in prose ends: ", in total", "; so", " because ...".
+_CLAUSE_END = re.compile(r",\s|;|\s(?:so|because|since|which|as|and|for|in|per|each)\s", re.IGNORECASE)
+
+
+def _leading_answer(sentence: str) -> str | None:
+    """The answer at the start of a sentence that goes on in prose: its first ``$...$`` math, or
+    the clause before the first ", " / ";" / " because ..." when that clause is a number."""
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)")):
+        if sentence.startswith(left) and (end := sentence.find(right, len(left))) > len(left):
+            return sentence[:end + len(right)]
+    head = _CLAUSE_END.split(sentence, maxsplit=1)[0].strip()
+    return head if head and head != sentence and parse_number(head) is not None else None
+
+
 def extract_answer_is(text: str) -> str | None:
     """The answer after the last "answer is" / "answer:" / "final answer is" (case-insensitive),
-    up to the end of its sentence; a ``\\boxed{}`` inside it wins."""
+    up to the end of its sentence; a ``\\boxed{}`` inside it wins. When the sentence goes on in
+    prose ("The answer is 72, in total, so ..."), its leading number or ``$...$`` math."""
     matches = list(_ANSWER_IS.finditer(text))
     if not matches:
         return None
@@ -132,12 +148,18 @@ def extract_answer_is(text: str) -> str | None:
     if "\\boxed" in first_line or "\\fbox" in first_line:
         return extract_boxed(first_line)
     answer = _cut_sentence(rest)
+    if answer and parse_number(answer) is None:
+        answer = _leading_answer(answer) or answer
     return answer or None
 
 
+# LaTeX thousands separators: "9{,}500", "9\\,500" (a thin space between digit groups).
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))")
+
+
 def extract_last_number(text: str) -> str | None:
-    """The last number in the text ("1,234", "-3", "0.5", "1e-3", "3/4"), or None."""
-    found = _NUMBER_IN_TEXT.findall(text.translate(_UNICODE_MINUS))
+    """The last number in the text ("1,234", "9{,}500", "-3", "0.5", "1e-3", "3/4"), or None."""
+    found = _NUMBER_IN_TEXT.findall(_LATEX_THOUSANDS.sub(",", text.translate(_UNICODE_MINUS)))
     return found[-1] if found else None
 
 
@@ -209,6 +231,7 @@ def clean_answer(text: str) -> str:
     text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", text)  # degrees
     for spacing in ("\\!", "\\,", "\\;", "\\:", "\\ ", "~"):
         text = text.replace(spacing, " ")
+    text = _LATEX_THOUSANDS.sub(",", text)
     text = text.replace("{,}", ",").replace("\\$", "").replace("$", "").replace("\\%", "%")
     # "x = 5", "k=5": a short left-hand side names the answer; keep the value.
     parts = text.split("=")
@@ -298,9 +321,13 @@ def numbers_match(predicted: tuple[Fraction, bool], expected: tuple[Fraction, bo
     return False
 
 
-def answers_match(predicted: str | None, ground_truth, *, rel_tol: float = 1e-6) -> bool:
+def answers_match(predicted: str | None, ground_truth, *, rel_tol: float = 1e-6, symbolic: bool = True) -> bool:
     """Whether an extracted answer equals the ground truth (a string, a number, or a list of
-    acceptable answers); None (no answer found) never matches."""
+    acceptable answers); None (no answer found) never matches.
+
+    Two numbers are decided exactly (within `rel_tol`); equal normalised
+    strings match; otherwise, with `symbolic`, math-verify decides
+    (`posttrain_jax.rewards.symbolic`, time-bounded)."""
     if predicted is None:
         return False
     if rel_tol < 0:
@@ -308,10 +335,16 @@ def answers_match(predicted: str | None, ground_truth, *, rel_tol: float = 1e-6)
     if isinstance(ground_truth, Sequence) and not isinstance(ground_truth, str):
         if not ground_truth:
             raise ValueError("the list of acceptable ground-truth answers is empty")
-        return any(answers_match(predicted, g, rel_tol=rel_tol) for g in ground_truth)
+        return any(answers_match(predicted, g, rel_tol=rel_tol, symbolic=symbolic) for g in ground_truth)
     expected = ground_truth_answer(ground_truth)
     predicted_number, expected_number = parse_number(predicted), parse_number(expected)
     if predicted_number is not None and expected_number is not None:
         return numbers_match(predicted_number, expected_number, rel_tol)
     normalized = normalize_answer(predicted)
-    return bool(normalized) and normalized == normalize_answer(expected)
+    if normalized and normalized == normalize_answer(expected):
+        return True
+    if not symbolic or not normalized:
+        return False
+    from posttrain_jax.rewards.symbolic import symbolic_match
+
+    return symbolic_match(clean_answer(predicted), clean_answer(expected))

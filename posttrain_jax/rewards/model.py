@@ -1,10 +1,11 @@
 """Model-based reward: a trained reward model (scalar head) as a reward function.
 
 The reward is read exactly where `posttrain_jax.trainers.rm` trains and
-scores it: the conversation (prompt + completion as the assistant turn) is
-rendered with `render_chat`, the last token is dropped (training inputs are
-shifted), and the score is the head's output at the last remaining position
-(with chatml, the ``<|im_end|>`` input; with llama3, the last content token).
+scores it, and where transformers' ``*ForSequenceClassification`` reads it:
+the conversation (prompt + completion as the assistant turn) is rendered
+with `render_chat` and the score is the head's output at its last token
+(the last non-pad token: ``<|eot_id|>`` with Llama 3, the ``\n`` after
+``<|im_end|>`` with chatml / Qwen).
 
 Unlike `trainers.rm.score`, which pads each batch to its own longest row,
 every forward here has one fixed shape: `batch_size` rows (the last chunk is
@@ -43,7 +44,7 @@ class ModelReward:
 
     correct_score = None  # a learned reward has no "correct" value: no accuracy metric
 
-    def __init__(self, model, tokenizer: Tokenizer, *, template: str = "chatml", batch_size: int = 8,
+    def __init__(self, model, tokenizer: Tokenizer, *, template: str = "auto", batch_size: int = 8,
                  max_length: int | None = None):  # fmt: skip
         if getattr(model.config, "head", None) != "scalar":
             raise ValueError("reward_model_reward needs a reward model (scalar head); this model has a "
@@ -74,7 +75,7 @@ class ModelReward:
         self.params = nnx.state(model)
 
     def encode(self, prompt, completion: str) -> list[int]:
-        """The model input of one sample: the rendered conversation without its last token."""
+        """The model input of one sample: the whole rendered conversation."""
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
@@ -83,7 +84,7 @@ class ModelReward:
             raise TypeError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
         encoded = render_chat(self.tokenizer, messages + [{"role": "assistant", "content": completion}],
                               template=self.template)
-        return encoded.ids[:-1]
+        return encoded.ids
 
     def width(self, lengths: Sequence[int]) -> int:
         """The padded width of a batch: max_length, else the power-of-two bucket of the longest row."""
@@ -123,13 +124,13 @@ class ModelReward:
         return scores
 
 
-def reward_model_reward(model, tokenizer: Tokenizer, *, template: str = "chatml", batch_size: int = 8,
+def reward_model_reward(model, tokenizer: Tokenizer, *, template: str = "auto", batch_size: int = 8,
                         max_length: int | None = None) -> ModelReward:  # fmt: skip
     """A reward function from a reward model (scalar head) and its tokenizer; see the module docstring."""
     return ModelReward(model, tokenizer, template=template, batch_size=batch_size, max_length=max_length)
 
 
-def reward_model_from_checkpoint(*, checkpoint: str, tokenizer: str, template: str = "chatml", batch_size: int = 8,
+def reward_model_from_checkpoint(*, checkpoint: str, tokenizer: str, template: str = "auto", batch_size: int = 8,
                                  max_length: int | None = None, ema: bool = False,
                                  step: int | None = None, mesh=None) -> ModelReward:  # fmt: skip
     """`reward_model_reward` for a posttrain-jax RM run checkpoint (`checkpoint`, optionally its `step`

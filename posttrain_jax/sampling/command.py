@@ -6,7 +6,7 @@
 `--checkpoint` is a run directory (or one of its checkpoint steps) written by a
 posttrain-jax trainer, or a Hugging Face model directory (config.json +
 safetensors). The tokenizer and chat template default to the run's own (from
-its saved config) or the HF directory's tokenizer.json.
+its saved config) or the HF directory's tokenizer and its own chat template.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None, template: str | No
     if os.path.exists(os.path.join(checkpoint, "config.json")):
         from posttrain_jax.models import load_hf
         model = load_hf(checkpoint)
-        return model, load_tokenizer(tokenizer or checkpoint), template or "chatml"
+        return model, load_tokenizer(tokenizer or checkpoint), template or "auto"
     from posttrain_jax.trainers.export import load_checkpoint_model
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory
         checkpoint = os.path.join(checkpoint, "checkpoints")
@@ -33,7 +33,7 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None, template: str | No
     tokenizer = tokenizer or saved.get("tokenizer")
     if not tokenizer:
         raise ValueError(f"{step_dir}: the run's config names no tokenizer; pass --tokenizer")
-    return model, load_tokenizer(tokenizer), template or saved.get("chat_template") or "chatml"
+    return model, load_tokenizer(tokenizer), template or saved.get("chat_template") or "auto"
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run directory / checkpoint step, or an HF model dir")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeat for a batch)")
     parser.add_argument("--tokenizer", help="default: the run's tokenizer, or the HF directory's")
-    parser.add_argument("--chat-template", help="llama3 | chatml | qwen2.5 | gemma (default: the run's)")
+    parser.add_argument("--chat-template", help="auto (the model's own) | a built-in name (llama3, llama3.1, chatml, "
+                        "qwen2.5, qwen3, gemma) | a .jinja file (default: the run's, else auto)")
     parser.add_argument("--raw", action="store_true", help="feed the prompt text as is, no chat template")
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=64)

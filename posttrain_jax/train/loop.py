@@ -55,12 +55,13 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
                shard: Callable[[dict[str, np.ndarray], int], dict[str, jax.Array]], cfg: LoopConfig, *,
                writer: MetricsWriter, checkpointer: RunCheckpointer | None = None, start_step: int = 0,
                metadata: dict | None = None, evaluate: Callable[[Any, int], dict] | None = None,
-               derived: Callable[[dict], dict] | None = None):
+               derived: Callable[[dict], dict] | None = None, prepare_uses_state: bool = False):
     """Run steps `start_step+1 .. total_steps`; returns the final state.
 
     `batches` must provide `get_state()` (saved with every checkpoint).
     `shard(host_batch, step)` makes the global batch of `step` (1-based: batch index step - 1).
     `derived(host_metrics)` may add metrics computed from the fetched sums.
+    With `prepare_uses_state`, `shard(host_batch, step, state)` also gets the current state (on-policy data).
     """
     throughput = Throughput(cfg.flops_per_token, cfg.peak_flops)
     bar = progress_bar(cfg.total_steps, initial=start_step)
@@ -70,7 +71,8 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
         if step >= cfg.total_steps:
             break
         step += 1
-        state, metrics = step_fn(state, shard(host_batch, step))
+        batch = shard(host_batch, step, state) if prepare_uses_state else shard(host_batch, step)
+        state, metrics = step_fn(state, batch)
         throughput.add(int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count())
         bar.update(1)
         pending = metrics

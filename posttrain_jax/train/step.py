@@ -5,7 +5,9 @@ unnormalised loss of a micro-batch and a dict of sums for metrics;
 `denominator(batch)` is computed once on the whole global batch and returns the
 one divisor, or a dict `context` holding it under "denominator" plus any other
 global quantities a loss needs (e.g. DPO's NLL term is normalised by the global
-number of chosen tokens); every micro-batch's objective receives that context. Gradients of the sums are accumulated
+number of chosen tokens); every micro-batch's objective receives that context, plus, under "frozen",
+the step's optional third argument (params of a frozen model the objective runs, e.g. a distillation
+teacher: an argument of the jitted step with its own shardings, never a closed-over constant). Gradients of the sums are accumulated
 over micro-batches with `lax.scan` and divided once, so the result does not
 depend on how the global batch was split (see `posttrain_jax.losses.sft`).
 """
@@ -82,9 +84,11 @@ def make_grad_fn(graphdef: nnx.GraphDef, objective: Callable[[nnx.Module, dict, 
                  denominator: Callable[[dict], jax.Array | dict], *, accum_steps: int = 1, data_shards: int = 1):
     """`grads(params, batch) -> (grads, metrics)` for a whole global batch, divided once."""
 
-    def grads_fn(params, batch):
+    def grads_fn(params, batch, frozen=None):
         context = denominator(batch)
         context = dict(context) if isinstance(context, dict) else {"denominator": context}
+        if frozen is not None:
+            context["frozen"] = frozen
         denom = context["denominator"]
 
         def micro_grads(params, micro):
@@ -121,8 +125,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
     grads_fn = make_grad_fn(graphdef, objective, denominator, accum_steps=accum_steps, data_shards=data_shards)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grads, metrics = grads_fn(state.params, batch)
+    def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None):
+        grads, metrics = grads_fn(state.params, batch, frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -138,8 +142,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, batch_sharding):
-    """Compile with the state's own shardings in and out, donating the old state."""
+def jit_train_step(train_step, state: TrainState, batch_sharding, frozen=None):
+    """Compile with the state's own shardings in and out, donating the old state.
+
+    With `frozen` (a pytree of arrays, e.g. a teacher's params), the step takes it as a third argument
+    in its own shardings (not donated).
+    """
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+    if frozen is None:
+        return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=0)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)

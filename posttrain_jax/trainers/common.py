@@ -32,6 +32,9 @@ def model_config() -> ml_collections.ConfigDict:
         # (models/config.py REMAT_POLICIES says when to use which); True / False still mean full / none.
         remat=config_dict.FieldReference("none", field_type=object),
         scan_layers=True,  # one lax.scan over the stacked layers; False: the unrolled per-layer oracle
+        # Attention kernel: auto (splash on TPU, cuDNN on GPU where it applies, else xla / blocked
+        # for long rows) | xla | blocked | splash | cudnn; see posttrain_jax/models/attention.py.
+        attention="auto",
     ))
 
 
@@ -42,16 +45,28 @@ def base_config(output_dir: str) -> ml_collections.ConfigDict:
     c.seed = 0
     # -1 fills the devices; dcn_* split an axis across TPU slices (multi-slice), 1 = one slice.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1,
-                                        "dcn_tensor": 1})
+                                        "dcn_tensor": 1, "num_devices": 0})
     c.sharding_rules = []  # (logical_name, mesh_axes) pairs that take precedence over the defaults
     c.model = model_config()
     c.tokenizer = ""  # a SentencePiece .model or HF tokenizer.json / directory
-    c.chat_template = "chatml"
+    # "auto": the tokenizer's own template, else the built-in of its model type; or a built-in name / .jinja file.
+    c.chat_template = "auto"
     return c
 
 
 def mesh_and_rules(config):
-    mesh = make_mesh(dict(config.mesh))
+    shape = dict(config.mesh)
+    # num_devices > 0: a mesh over this process's first devices only (one process; e.g. the ablation's
+    # 1- vs 2-device cells in a process that has 8).
+    num_devices = int(shape.pop("num_devices", 0) or 0)
+    devices = None
+    if num_devices:
+        if jax.process_count() > 1 or num_devices > jax.device_count():
+            raise ValueError(f"mesh.num_devices={num_devices}: needs one process with at least that many devices "
+                             f"(this is process {jax.process_index()} of {jax.process_count()} with "
+                             f"{jax.device_count()} devices); set it to 0 to use every device")
+        devices = jax.devices()[:num_devices]
+    mesh = make_mesh(shape, devices=devices)
     rules = normalize_rules(tuple(tuple(r) for r in config.sharding_rules)) + DEFAULT_RULES
     return mesh, rules
 
@@ -64,10 +79,11 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head:
                 vocab_size: int | None = None) -> Decoder:
     """The model named by the `model` section, created or loaded straight into its shardings."""
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                    scan_layers=cfg.get("scan_layers", True))
+                    scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"))
     if cfg.hf_path:
         return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
-                       compute_dtype=cfg.dtype, remat=cfg.remat, scan_layers=numerics["scan_layers"])
+                       compute_dtype=cfg.dtype, remat=cfg.remat, scan_layers=numerics["scan_layers"],
+                       attention=numerics["attention"])
     if cfg.checkpoint:
         step_dir = resolve_step_dir(cfg.checkpoint)
         meta = read_metadata(step_dir) or {}

@@ -25,8 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
-from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import preference, runner
@@ -55,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         loss_chunk_size=0,
     )
     c.optim = runner.optimizer_config(learning_rate=1e-5, warmup_ratio=0.1)  # Llama 3's DPO lr
+    c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
     return c
 
 
@@ -63,7 +65,7 @@ def make_pair_logps(graphdef, *, pairs_per_row: int, loss_chunk_size: int | None
     def pair_logps(params, batch):
         model = nnx.merge(graphdef, params) if not isinstance(params, nnx.Module) else params
         hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-        logp = token_logprobs_from_hidden(model.head, hidden, batch["targets"], loss_chunk_size)
+        logp = lm_head_logprobs(model, hidden, batch["targets"], chunk_size=loss_chunk_size).logps
         ids, num_pairs = batch_sequence_ids(batch["segment_ids"], pairs_per_row)
         return sequence_logps(logp, batch["loss_mask"], ids, num_pairs)
     return pair_logps
@@ -199,10 +201,13 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         sft_iter, _ = make_eval_pipeline([SourceSpec(config.data.sft_eval_path)], tokenizer,
                                          template=config.chat_template, seq_len=config.data.seq_len,
                                          global_batch=2 * t.global_pairs, packing=False)
-        exact = make_eval_fn(graphdef, rules, mesh)
+        exact = make_eval_fn(graphdef, rules, mesh, chunk_size=chunk)
         pairs_eval = evaluate
         evaluate = lambda p: {**(pairs_eval(p) if pairs_eval else {}),  # noqa: E731
                               **{f"answers_{k}": v for k, v in exact(p, eval_iter=sft_iter).items()}}
+    evaluate = combine_evaluators(evaluate, make_generation_evaluator(
+        config.generation_eval, chat_template=config.chat_template, seed=config.seed, graphdef=graphdef,
+        model_config_=model.config, mesh=mesh, rules=rules, tokenizer=tokenizer))
     summary = runner.run(config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
                          total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len,
                          objective=objective, denominator=make_denominator(t), evaluate=evaluate, prepare=prepare,
@@ -217,6 +222,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
                 print(f"held-out preference accuracy: {b['rewards_accuracy']:.1%} before -> "
                       f"{a['rewards_accuracy']:.1%} after; reward margin {b['rewards_margin']:.3f} -> "
                       f"{a['rewards_margin']:.3f}")
+            if "generation/accuracy" in a:
+                print(f"held-out greedy accuracy (sampled): {b['generation/accuracy']:.1%} before -> "
+                      f"{a['generation/accuracy']:.1%} after")
             if "answers_exact_match" in a:
                 print(f"held-out answer exact match: {b['answers_exact_match']:.1%} before -> "
                       f"{a['answers_exact_match']:.1%} after")

@@ -24,5 +24,43 @@ def load_checkpoint_model(path: str, *, mesh=None, ema: bool = False, step: int 
     return nnx.merge(graphdef, params)
 
 
+# Tokenizer files transformers reads from a model directory (its own chat template included).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "tokenizer.model")
+
+
 def export_checkpoint(path: str, out: str, *, dtype: str | None = None, ema: bool = False) -> None:
-    export_hf(load_checkpoint_model(path, ema=ema), out, dtype=dtype)
+    """Write a run checkpoint as a Hugging Face directory, with the run's HF tokenizer files next to it.
+
+    A reward model (scalar head) gets the tokenizer's pad id (else its eos)
+    as ``pad_token_id`` when the model config has none: transformers'
+    ``*ForSequenceClassification`` needs it to find the last non-pad token
+    of a padded batch, where the reward is read.
+    """
+    import json
+    import os
+    import shutil
+
+    model = load_checkpoint_model(path, ema=ema)
+    export_hf(model, out, dtype=dtype)
+    saved = (read_metadata(resolve_step_dir(path)) or {}).get("config") or {}
+    tokenizer_path = saved.get("tokenizer")
+    if not tokenizer_path or not os.path.exists(tokenizer_path):
+        return
+    directory = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        for name in _TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(directory, name)):
+                shutil.copy(os.path.join(directory, name), os.path.join(out, name))
+    if model.config.head == "scalar" and model.config.pad_token_id is None:
+        from posttrain_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_path)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        if pad is not None:
+            config_path = os.path.join(out, "config.json")
+            with open(config_path) as f:
+                config = json.load(f)
+            config["pad_token_id"] = pad
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)

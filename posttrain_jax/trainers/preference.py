@@ -11,6 +11,7 @@ import ml_collections
 from posttrain_jax.data import SourceSpec, synthetic
 from posttrain_jax.data.preference import (LLAMA2_STRENGTH_MARGINS, make_preference_eval_pipeline,
                                            make_preference_pipeline, write_arithmetic_preferences)
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sharding import logical_rules, shard_batch
 
 QUICKSTART_SFT_DIR = "runs/sft-quickstart"
@@ -48,13 +49,16 @@ def quickstart_data(config) -> None:
             prefix = os.path.join(directory, "tokenizer")
             if not os.path.exists(prefix + ".model"):
                 synthetic.train_sentencepiece(prefix, synthetic.corpus(seed=config.seed))
+            synthetic.ensure_chat_template(prefix + ".model")
             config.tokenizer = prefix + ".model"
         config.data.sources = [{"path": train}]
         config.data.eval_path = held_out
 
 
-def pipelines(config, tokenizer, *, rows_multiple: int):
-    """(train iterator, stats, eval iterator or None) from the `data` section."""
+def pipelines(config, tokenizer, *, rows_multiple: int, reward_inputs: bool = False):
+    """(train iterator, stats, eval iterator or None) from the `data` section.
+    reward_inputs: sequences whose inputs are the whole conversation (reward models; see
+    `make_preference_pipeline`)."""
     d = config.data
     if not d.sources:
         raise ValueError("config.data.sources is empty: give at least one {'path': ...} with prompt/chosen/rejected")
@@ -64,7 +68,8 @@ def pipelines(config, tokenizer, *, rows_multiple: int):
                   packing=d.packing, mask_special_tokens=d.mask_special_tokens,
                   keep_strengths=list(d.keep_strengths) or None,
                   strength_margins=LLAMA2_STRENGTH_MARGINS if d.llama2_margins else None,
-                  length_policy=d.length_policy, on_bad_row=d.on_bad_row, rows_multiple=rows_multiple)
+                  length_policy=d.length_policy, on_bad_row=d.on_bad_row, rows_multiple=rows_multiple,
+                  reward_inputs=reward_inputs)
     train_iter, stats = make_preference_pipeline(specs, tokenizer, seed=config.seed, **common)
     eval_iter = None
     if d.eval_path:
@@ -79,10 +84,12 @@ def make_pair_evaluator(pair_metrics, mesh, rules, eval_iter, means, extra_args=
     def evaluate(params) -> dict[str, float]:
         eval_iter.reset()
         total = None
-        with jax.set_mesh(mesh), logical_rules(rules):
+        with jax.set_mesh(mesh), logical_rules(rules), \
+                progress_bar(eval_iter.num_batches, desc="eval", unit="batch", leave=False) as bar:
             for batch in eval_iter:
                 sums = fn(params, *extra_args, shard_batch(batch, mesh, rules))
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+                bar.update()
         return {k: float(v) for k, v in jax.device_get(means(total)).items()}
 
     return evaluate

@@ -18,7 +18,12 @@ Output (one JSON object per kept prompt, read directly by the SFT pipeline,
     {"messages": [...prompt messages..., {"role": "assistant", "content": best}],
      "score": total, "sample_index": k, "num_candidates": K, "rewards": {name: raw score},
      "correct": {verifiable name: bool}, "num_tokens": n, "stopped": bool,
-     "source": "prompts.jsonl:12", "prompt_row": {the prompt row's other fields, e.g. "answer"}}
+     "source": "prompts.jsonl:12", "prompt_row": {the prompt row's other fields, e.g. "answer"},
+     "rejected": {"content": worst, "score": ..., "sample_index": ..., "correct": {...}}}
+
+"rejected" is the lowest-scoring candidate (among the finished ones with
+`drop_truncated`), present when it is not the kept one: the other half of an
+on-policy DPO pair (`posttrain-jax pipeline` builds pairs from it).
 
 Prompts go through in file order, `prompts_per_batch` (global) at a time; the
 last batch is padded to the same shape (one compilation) and the padding is
@@ -248,7 +253,7 @@ def select_best(totals: np.ndarray, eligible: np.ndarray, threshold: float | Non
 
 
 def sft_row(prompt, completion: str, *, sample_index: int, num_candidates: int, total: float,
-            scores: dict, correct: dict, num_tokens: int, stopped: bool) -> dict:  # fmt: skip
+            scores: dict, correct: dict, num_tokens: int, stopped: bool, rejected: dict | None = None) -> dict:  # fmt: skip
     """One output row: the conversation SFT trains on, plus where it came from and how it scored."""
     row = {"messages": [dict(m) for m in prompt.messages] + [{"role": "assistant", "content": completion}],
            "score": float(total), "sample_index": int(sample_index), "num_candidates": int(num_candidates),
@@ -257,6 +262,8 @@ def sft_row(prompt, completion: str, *, sample_index: int, num_candidates: int, 
         row["correct"] = {name: bool(v) for name, v in correct.items()}
     row.update(num_tokens=int(num_tokens), stopped=bool(stopped), source=prompt.source,
                prompt_row={k: v for k, v in prompt.row.items() if k not in ("prompt", "messages")})
+    if rejected is not None:
+        row["rejected"] = rejected
     return row
 
 
@@ -439,13 +446,18 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             for name in require_correct:
                 eligible &= correct[name]
             choice = select_best(totals, eligible, r.threshold)
+            # the lowest-scoring finished candidate: the rejected half of an on-policy preference pair
+            worst = np.argmin(np.where(stopped | (not r.drop_truncated), totals, np.inf), axis=1)
             lines = []
             for i in np.flatnonzero(choice.keep):
-                j = int(choice.index[i])
+                j, w = int(choice.index[i]), int(worst[i])
+                rejected = None if w == j else {
+                    "content": rollout.texts[i * k + w], "score": float(totals[i, w]), "sample_index": w,
+                    "correct": {n: bool(v[i, w]) for n, v in correct.items()}}
                 lines.append(sft_row(local[i], rollout.texts[i * k + j], sample_index=j, num_candidates=k,
                                      total=totals[i, j], scores={n: v[i, j] for n, v in scores.items()},
                                      correct={n: v[i, j] for n, v in correct.items()}, num_tokens=lengths[i, j],
-                                     stopped=stopped[i, j]))
+                                     stopped=stopped[i, j], rejected=rejected))
             out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines).encode("utf-8"))
             out.flush()
             os.fsync(out.fileno())

@@ -1,8 +1,12 @@
 """`posttrain-jax rm`: a Bradley-Terry reward model on a scalar head; `posttrain-jax score`.
 
-The reward of a response is the head's score at the last position of its
-sequence (the position whose input is the end-of-turn token with the chat
-templates here), the same place for training and for scoring.
+The reward of a response is the head's score at the last token of its
+rendered conversation: the last non-pad token, where transformers'
+``*ForSequenceClassification`` (and so TRL and vLLM) read it (``<|eot_id|>``
+with Llama 3, the ``\n`` after ``<|im_end|>`` with chatml / Qwen, after
+``<end_of_turn>`` with Gemma). Training, `score` and the reward-model reward
+read it at the same place, so a reward model trained here scores like it in
+transformers, and one imported from the Hub scores here like it does there.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     mesh, rules = mesh_and_rules(config)
     tokenizer = load_tokenizer(config.tokenizer)
     train_iter, stats, eval_iter = preference.pipelines(
-        config, tokenizer, rows_multiple=data_shards(mesh) * config.train.accum_steps)
+        config, tokenizer, rows_multiple=data_shards(mesh) * config.train.accum_steps, reward_inputs=True)
     model = build_model(config.model, mesh, rules, seed=config.seed, head="scalar", vocab_size=tokenizer.vocab_size)
     t = config.train
     objective, pair_terms = make_rm_objective(pairs_per_row=train_iter.pairs_per_row, use_margin=t.use_margin,
@@ -88,14 +92,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     return summary
 
 
-def score(model, tokenizer, rows, *, template: str = "chatml", batch_size: int = 8) -> list[float]:
+def score(model, tokenizer, rows, *, template: str = "auto", batch_size: int = 8) -> list[float]:
     """Rewards of `rows` ({"prompt": str or messages, "response": str}) under a scalar-head model.
 
-    The score is read where training reads it: training sequences are shifted
-    (inputs are all tokens but the last), so the reward sits at the input token
-    before the rendered conversation's last token; with chatml that is
-    `<|im_end|>` (the final token is its newline), with llama3 the last content
-    token (the final token is `<|eot_id|>`).
+    The score is read at the rendered conversation's last token (see the
+    module docstring), as training reads it. Returns one float per row.
     """
     if model.config.head != "scalar":
         raise ValueError("score needs a reward model (scalar head); this checkpoint has an LM head")
@@ -107,7 +108,7 @@ def score(model, tokenizer, rows, *, template: str = "chatml", batch_size: int =
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         enc = render_chat(tokenizer, messages + [{"role": "assistant", "content": row["response"]}],
                           template=template)
-        encoded.append(enc.ids[:-1])
+        encoded.append(enc.ids)
     forward = jax.jit(lambda m, t, s: m(t, None, s))
     scores = []
     for start in range(0, len(encoded), batch_size):

@@ -1,7 +1,9 @@
 """Prompts in, scored completions out: the host side of GRPO and rejection sampling.
 
-- `load_prompts`: JSONL rows with a `prompt` (a string, or a list of messages
-  ending with a user turn) or `messages` whose final assistant turn is dropped
+- `load_prompts`: rows of any data source (`posttrain_jax.data.sources`:
+  JSONL, JSON arrays, Parquet, datasets) with a `prompt` (a string, or a list
+  of messages ending with a user turn), or `messages` / ShareGPT
+  `conversations` whose final assistant turn is dropped
   (kept as `row["reference"]`); every other field travels with the row to the
   reward functions (e.g. the ground truth `answer`). Prompts are rendered with
   the chat template plus the generation prompt; too-long prompts are dropped
@@ -16,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from posttrain_jax.data.sources import normalize_sharegpt, read_rows
 from posttrain_jax.rewards import RewardOutput, Rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.tokenizer import Tokenizer, end_of_turn_token, render_chat
@@ -59,8 +61,8 @@ def _prompt_messages(row: dict, where: str) -> tuple[list[dict], dict]:
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             return list(prompt), row
         raise ValueError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
-    if "messages" in row:
-        messages = row["messages"]
+    if "messages" in row or "conversations" in row:
+        messages = row["messages"] if "messages" in row else normalize_sharegpt(row["conversations"])
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: 'messages' must be a non-empty list of messages")
         if messages[-1].get("role") == "assistant":  # an SFT row: the reply is the reference answer
@@ -71,37 +73,36 @@ def _prompt_messages(row: dict, where: str) -> tuple[list[dict], dict]:
 
 def load_prompts(path: str, tokenizer: Tokenizer, *, template: str, max_prompt_length: int,
                  length_policy: str = "drop", on_bad_row: str = "error") -> tuple[list[PromptRow], PromptStats]:
-    """Read and render a JSONL prompt file (see the module docstring)."""
+    """Read and render a prompt source (see the module docstring)."""
     if length_policy not in ("drop", "error"):
         raise ValueError(f"length_policy must be 'drop' or 'error', got {length_policy!r}")
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     stats, out = PromptStats(), []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            stats.rows += 1
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: a row must be a JSON object")
-                messages, row = _prompt_messages(row, where)
-                ids = render_chat(tokenizer, messages, template=template, add_generation_prompt=True).ids
-            except (ValueError, KeyError, TypeError) as e:
-                if on_bad_row == "error":
-                    msg = str(e) if str(e).startswith(path) else f"{where}: {e}"
-                    raise ValueError(msg + " (set on_bad_row='skip' to skip and count bad rows)") from None
-                stats.bad += 1
-                continue
-            if len(ids) > max_prompt_length:
-                if length_policy == "error":
-                    raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than max_prompt_length="
-                                     f"{max_prompt_length}")
-                stats.too_long += 1
-                continue
-            out.append(PromptRow(tuple(ids), tuple(messages), row, where))
+    for raw in read_rows(path):
+        stats.rows += 1
+        where = raw.location
+        try:
+            if raw.parse_error is not None:
+                raise ValueError(f"{where}: {raw.parse_error}")
+            row = raw.record
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a row must be a JSON object")
+            messages, row = _prompt_messages(row, where)
+            ids = render_chat(tokenizer, messages, template=template, add_generation_prompt=True).ids
+        except (ValueError, KeyError, TypeError) as e:
+            if on_bad_row == "error":
+                msg = str(e) if str(e).startswith(path) else f"{where}: {e}"
+                raise ValueError(msg + " (set on_bad_row='skip' to skip and count bad rows)") from None
+            stats.bad += 1
+            continue
+        if len(ids) > max_prompt_length:
+            if length_policy == "error":
+                raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than max_prompt_length="
+                                 f"{max_prompt_length}")
+            stats.too_long += 1
+            continue
+        out.append(PromptRow(tuple(ids), tuple(messages), row, where))
     stats.kept = len(out)
     if not out:
         raise ValueError(f"{path}: no usable prompts ({stats.report(path)})")
@@ -150,8 +151,8 @@ class PromptIterator:
 
 def stop_tokens_for(tokenizer: Tokenizer, template: str, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """The chat template's end-of-turn token (if the tokenizer has it), the EOS, and configured ids."""
-    ids = []
-    for token in (end_of_turn_token(template), tokenizer.eos_token):
+    ids, end_of_turn = [], end_of_turn_token(template, tokenizer)
+    for token in (end_of_turn, tokenizer.eos_token):
         if token is not None:
             try:
                 ids.append(tokenizer.token_to_id(token))
@@ -159,7 +160,7 @@ def stop_tokens_for(tokenizer: Tokenizer, template: str, extra: Sequence[int] = 
                 pass
     ids += [int(t) for t in extra]
     if not ids:
-        raise ValueError(f"no stop token: the tokenizer has neither {end_of_turn_token(template)!r} nor an EOS; "
+        raise ValueError(f"no stop token: the tokenizer has neither {end_of_turn!r} nor an EOS; "
                          f"configure sampling.stop_tokens")
     return tuple(dict.fromkeys(ids))
 

@@ -54,11 +54,15 @@ def total_steps_of(config, train_iter) -> int:
 
 def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, objective, denominator,
         total_steps: int, seq_len: int, evaluate: Callable | None = None, derived: Callable | None = None,
-        prepare: Callable | None = None, resume: bool = False) -> dict:
+        prepare: Callable | None = None, resume: bool = False, frozen=None, prepare_uses_state: bool = False,
+        batch_shardings=None) -> dict:
     """Train `model` on `train_iter`; returns {paths, eval_before/after, final_step, compilations, ...}.
 
     evaluate(params) -> dict of held-out metrics (before, every eval_every steps, after).
-    prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes).
+    prepare(host_batch, step) -> global batch (default: shard over the mesh's batch axes);
+    with `prepare_uses_state`, prepare(host_batch, step, state) (e.g. to sample from the current params).
+    frozen: params of a frozen model passed to every step (see `posttrain_jax.train.step`).
+    batch_shardings: the step's batch shardings (default: every key [batch, ...] over the batch axes).
     """
     started = time.time()
     t = config.train
@@ -67,7 +71,8 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
                            ema_decay=t.ema_decay or None, schedule=schedule)
-    step_fn = jit_train_step(step, state, batch_sharding(mesh, rules))
+    jitted = jit_train_step(step, state, batch_shardings or batch_sharding(mesh, rules), frozen=frozen)
+    step_fn = jitted if frozen is None else (lambda s, b: jitted(s, b, frozen))
     checkpointer = RunCheckpointer(os.path.join(config.output_dir, "checkpoints"), keep=t.keep_checkpoints,
                                    async_save=t.async_checkpoint)
     start = 0
@@ -87,7 +92,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     with jax.set_mesh(mesh), logical_rules(rules):
         state, last = train_loop(state, step_fn, train_iter, prepare, loop_cfg, writer=writer,
                                  checkpointer=checkpointer, start_step=start, metadata=run_metadata(config, model),
-                                 derived=derived,
+                                 derived=derived, prepare_uses_state=prepare_uses_state,
                                  evaluate=(lambda s, _: evaluate(s.params)) if evaluate else None)
     checkpointer.close()
     if evaluate is not None:
@@ -95,7 +100,7 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
         writer.log(last, summary["eval_after"], prefix="eval")
     writer.close()
     summary.update(final_step=last, wall_time_s=time.time() - started, graphdef=graphdef, params=state.params,
-                   compilations=step_fn._cache_size())  # 1: no recompilation after the first step
+                   compilations=jitted._cache_size())  # 1: no recompilation after the first step
     return summary
 
 

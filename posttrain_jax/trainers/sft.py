@@ -18,8 +18,10 @@ from flax import nnx
 
 from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
-from posttrain_jax.losses.logprobs import token_logprobs
+from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
+from posttrain_jax.metrics import progress_bar
 from posttrain_jax.sharding import logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import runner
@@ -37,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
         sources=[],  # [{"path": ..., "weight": ..., "epochs": ...}, ...]
         epochs=1.0,  # multiplies every source's epochs (Tülu 3 SFT: 2)
         eval_path="",
+        extra_eval_paths={},  # {name: path}: more held-out sets, reported as eval/<name>/loss and .../exact_match
         seq_len=64,
         packing=True,
         train_on="assistant",  # or "all"
@@ -49,9 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
         global_batch=32,  # rows per step across all devices and accumulation steps
         loss_aggregation="token_mean",  # sum | token_mean | sequence_mean | mean_per_microbatch
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
-        loss_chunk_size=0,  # >0: LM head + softmax over sequence chunks (large vocabularies)
+        loss_chunk_size=0,  # sequence positions per fused LM-head chunk; 0 = automatic (see losses/logprobs.py)
     )
     c.optim = runner.optimizer_config()
+    c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
     c.data.quickstart_num_train = 40000
     c.data.quickstart_num_eval = 400
     c.data.quickstart_show_work = True  # answers as "a + b = c": the model copies, then adds
@@ -67,13 +71,14 @@ def _quickstart_data(config) -> None:
                                        num_eval=config.data.quickstart_num_eval, seed=config.seed,
                                        show_work=config.data.quickstart_show_work,
                                        max_operand=config.data.quickstart_max_operand)
+    synthetic.ensure_chat_template(os.path.join(directory, "tokenizer.model"))
     with config.unlocked():
         config.tokenizer = os.path.join(directory, "tokenizer.model")
         config.data.sources = [{"path": os.path.join(directory, "train.jsonl"), "weight": 1.0, "epochs": 1.0}]
         config.data.eval_path = os.path.join(directory, "eval.jsonl")
 
 
-def make_eval_fn(graphdef, rules, mesh):
+def make_eval_fn(graphdef, rules, mesh, *, chunk_size: int | None = None):
     """Jitted sums over one eval batch: NLL, loss tokens, sequences, exactly-right sequences.
 
     A sequence is exactly right when every trained token is the argmax given the
@@ -81,10 +86,12 @@ def make_eval_fn(graphdef, rules, mesh):
     """
     @jax.jit
     def sums(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"])
+        model = nnx.merge(graphdef, params)
+        hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+        out = lm_head_logprobs(model, hidden, batch["targets"], chunk_size=chunk_size, with_max=True)
         mask = batch["loss_mask"].astype(jnp.float32)
-        nll = -token_logprobs(logits, batch["targets"])
-        wrong = mask * (jnp.argmax(logits, -1) != batch["targets"])
+        nll = -out.logps
+        wrong = mask * (out.logps < out.max_logps)  # the target is not the greedy (argmax) token
         per_seq = mask / jnp.maximum(_sequence_token_counts(mask, batch["segment_ids"]), 1.0)
         all_right = _sequence_token_counts(wrong, batch["segment_ids"]) == 0
         return {"nll_sum": jnp.sum(nll * mask), "loss_tokens": jnp.sum(mask), "sequences": jnp.sum(per_seq),
@@ -93,14 +100,25 @@ def make_eval_fn(graphdef, rules, mesh):
     def evaluate(params, *, eval_iter) -> dict[str, float]:
         eval_iter.reset()
         total = {}
-        with jax.set_mesh(mesh), logical_rules(rules):
+        # A held-out pass on a real model takes minutes: show batches, rate and ETA.
+        with jax.set_mesh(mesh), logical_rules(rules), \
+                progress_bar(eval_iter.num_batches, desc="eval", unit="batch", leave=False) as bar:
             for batch in eval_iter:
                 out = jax.device_get(sums(params, shard_batch(batch, mesh, rules)))
                 total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
+                bar.update()
         return {"loss": total["nll_sum"] / max(total["loss_tokens"], 1.0),
                 "exact_match": total["exact"] / max(round(total["sequences"]), 1), "sequences": round(total["sequences"])}
 
     return evaluate
+
+
+def _evaluate_all(eval_fn, eval_iter, extra: dict, params) -> dict[str, float]:
+    """The main held-out set's metrics plus `<name>/<metric>` for every extra set."""
+    metrics = eval_fn(params, eval_iter=eval_iter)
+    for name, iterator in extra.items():
+        metrics.update({f"{name}/{k}": v for k, v in eval_fn(params, eval_iter=iterator).items()})
+    return metrics
 
 
 def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
@@ -114,7 +132,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     mesh, rules = mesh_and_rules(config)
     tokenizer = load_tokenizer(config.tokenizer)
     t = config.train
-    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0) * config.data.epochs)
+    specs = [SourceSpec(s["path"], weight=s.get("weight"), epochs=s.get("epochs", 1.0) * config.data.epochs,
+                        normalize=s.get("normalize", False))
              for s in config.data.sources]
     common = dict(template=config.chat_template, seq_len=config.data.seq_len, global_batch=t.global_batch,
                   train_on=config.data.train_on, length_policy=config.data.length_policy,
@@ -123,8 +142,14 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
     evaluate = None
     if config.data.eval_path:
+        eval_fn = make_eval_fn(nnx.graphdef(model), rules, mesh, chunk_size=t.loss_chunk_size or None)
         eval_iter, _ = make_eval_pipeline([SourceSpec(config.data.eval_path)], tokenizer, packing=False, **common)
-        evaluate = functools.partial(make_eval_fn(nnx.graphdef(model), rules, mesh), eval_iter=eval_iter)
+        extra = {name: make_eval_pipeline([SourceSpec(path)], tokenizer, packing=False, **common)[0]
+                 for name, path in dict(config.data.extra_eval_paths).items()}
+        evaluate = functools.partial(_evaluate_all, eval_fn, eval_iter, extra)
+    evaluate = combine_evaluators(evaluate, make_generation_evaluator(
+        config.generation_eval, chat_template=config.chat_template, seed=config.seed, graphdef=nnx.graphdef(model),
+        model_config_=model.config, mesh=mesh, rules=rules, tokenizer=tokenizer))
     shards = data_shards(mesh)
     summary = runner.run(
         config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
@@ -136,7 +161,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     summary["data"] = stats.to_dict()
     if jax.process_index() == 0:
         print("\n" + stats.report())
-        if "eval_before" in summary:
+        if "exact_match" in summary.get("eval_after", {}):
             b, a = summary["eval_before"], summary["eval_after"]
             print(f"held-out exact match: {b['exact_match']:.1%} before -> {a['exact_match']:.1%} after "
                   f"({int(a['sequences'])} examples); loss/token {b['loss']:.3f} -> {a['loss']:.3f}")

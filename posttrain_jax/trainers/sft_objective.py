@@ -6,18 +6,21 @@ import functools
 
 import jax.numpy as jnp
 
-from posttrain_jax.losses.logprobs import token_logprobs_from_hidden
+from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import AGGREGATIONS, sft_denominator, sft_token_weights
 
 
 def make_sft_objective(aggregation: str, *, data_shards: int = 1, loss_chunk_size: int | None = None):
-    """`objective(model, micro_batch) -> (sum of weighted token NLLs, metric sums)`."""
+    """`objective(model, micro_batch) -> (sum of weighted token NLLs, metric sums)`.
+
+    The LM head and softmax are fused (`lm_head_logprobs`); `loss_chunk_size` None/0 picks the chunk.
+    """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss_aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
     def objective(model, mb, context=None):  # SFT needs no global quantity but the denominator
         hidden, _ = model.hidden_states(mb["tokens"], mb["positions"], mb["segment_ids"])
-        nll = -token_logprobs_from_hidden(model.head, hidden, mb["targets"], loss_chunk_size)
+        nll = -lm_head_logprobs(model, hidden, mb["targets"], chunk_size=loss_chunk_size).logps
         mask = mb["loss_mask"].astype(jnp.float32)
         weights = sft_token_weights(mask, mb["segment_ids"], aggregation, data_shards)
         return jnp.sum(nll * weights), {"nll_sum": jnp.sum(nll * mask), "loss_tokens": jnp.sum(mask)}

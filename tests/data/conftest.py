@@ -10,6 +10,8 @@ from posttrain_jax.tokenizer import load_tokenizer
 
 TEMPLATE = "chatml"
 END_OF_TURN = "<|im_end|>"
+# What an assistant turn ends with in the loss mask: the end of turn and the "\n" chatml writes after it.
+TURN_END = END_OF_TURN + "\n"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from posttrain_jax.data.examples import encode_conversation, tokenize_source
 from posttrain_jax.data.sources import expand_paths, to_conversation
 from posttrain_jax.tokenizer import CHAT_TEMPLATES, end_of_turn_token, render_chat
 
-from .conftest import END_OF_TURN, TEMPLATE, chat, write_jsonl, write_parquet
+from .conftest import TURN_END, TEMPLATE, chat, write_jsonl, write_parquet
 
 
 def _tokenize(path, tok, **kwargs):
@@ -32,7 +32,7 @@ def test_chat_rows_train_on_assistant_turns(tmp_path, tok):
     ids, trained = source.example(0)
     assert ids.dtype == np.int32 and trained.dtype == np.bool_
     assert list(ids) == render_chat(tok, row["messages"], template=TEMPLATE).ids
-    assert _trained_text(tok, source, 0) == f"5{END_OF_TURN}8{END_OF_TURN}"
+    assert _trained_text(tok, source, 0) == f"5{TURN_END}8{TURN_END}"
     assert source.stats.loss_tokens == int(trained[1:].sum()) and source.stats.tokens == len(ids) - 1
 
 
@@ -45,7 +45,7 @@ def test_prompt_completion_trains_only_on_completion(tmp_path, tok):
          "completion": [{"role": "assistant", "content": "8"}]},
     ]  # fmt: skip
     source = _tokenize(write_jsonl(tmp_path / "pc.jsonl", rows), tok)
-    assert [_trained_text(tok, source, i) for i in range(3)] == [f"{n}{END_OF_TURN}" for n in (5, 6, 8)]
+    assert [_trained_text(tok, source, i) for i in range(3)] == [f"{n}{TURN_END}" for n in (5, 6, 8)]
     # The same text as chat rows, rendered identically.
     ids, _ = source.example(0)
     assert list(ids) == render_chat(tok, chat("What is 2 plus 3?", "5")["messages"], template=TEMPLATE).ids
@@ -88,7 +88,7 @@ def test_bad_parquet_row_names_row_index(tmp_path, tok):
 def test_parquet_chat_rows(tmp_path, tok):
     rows = [chat("What is 2 plus 3?", "5"), chat("What is 1 plus 1?", "2", system="Be brief.")]
     source = _tokenize(write_parquet(tmp_path / "c.parquet", rows), tok)
-    assert len(source) == 2 and _trained_text(tok, source, 1) == f"2{END_OF_TURN}"
+    assert len(source) == 2 and _trained_text(tok, source, 1) == f"2{TURN_END}"
 
 
 def test_skip_bad_rows_counts_and_reports(tmp_path, tok):
@@ -139,7 +139,7 @@ def test_paths_globs_directories_gzip(tmp_path, tok):
         f.write(json.dumps(chat("Hi", "3")) + "\n")
     assert [p.name for p in expand_paths(tmp_path)] == ["part-0.jsonl", "part-1.parquet", "part-2.jsonl.gz"]
     source = _tokenize(str(tmp_path / "part-*"), tok)
-    assert [_trained_text(tok, source, i) for i in range(3)] == [f"{n}{END_OF_TURN}" for n in (1, 2, 3)]
+    assert [_trained_text(tok, source, i) for i in range(3)] == [f"{n}{TURN_END}" for n in (1, 2, 3)]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         expand_paths(tmp_path / "missing.jsonl")
     with pytest.raises(FileNotFoundError, match="no data files match"):
@@ -155,17 +155,26 @@ def test_completion_mask_in_every_template(tok, template):
     conversation = to_conversation({"prompt": earlier + [{"role": "user", "content": "And 3 plus 3?"}],
                                     "completion": "6"})  # fmt: skip
     ids, trained = encode_conversation(tok, conversation, template=template)
-    assert tok.decode([i for i, t in zip(ids, trained) if t]) == "6" + end_of_turn_token(template)
+    # The turn ends with the end-of-turn token and the "\n" every template but Llama's writes after it.
+    eot = end_of_turn_token(template) + ("" if template.startswith("llama") else "\n")
+    think = "<think>\n\n</think>\n\n" if template == "qwen3" else ""  # Qwen 3's final turn writes a think block
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == think + "6" + eot
     as_chat = encode_conversation(tok, to_conversation({"messages": conversation.messages}), template=template)
     assert as_chat[0] == ids
-    eot = end_of_turn_token(template)
-    assert tok.decode([i for i, t in zip(*as_chat) if t]) == f"2{eot}6{eot}"
+    assert tok.decode([i for i, t in zip(*as_chat) if t]) == f"2{eot}{think}6{eot}"
 
 
 def test_json_array_and_bad_encoding(tmp_path, tok):
-    (tmp_path / "array.json").write_text(json.dumps([chat("Hi", "5")]))
-    with pytest.raises(DataError, match="array.json looks like one JSON array"):
-        _tokenize(tmp_path / "array.json", tok)
+    (tmp_path / "array.json").write_text(json.dumps([chat("Hi", "5"), chat("Yo", "6")], indent=2))
+    source = _tokenize(tmp_path / "array.json", tok)  # one JSON array: each item is a row
+    assert len(source) == 2 and source.stats.rows == 2
+    # A file cut off mid-row: the complete items are rows, the damaged one a bad row.
+    text = json.dumps([chat("Hi", "5"), chat("Yo", "6")])
+    (tmp_path / "broken.json").write_text(text[:-20])
+    with pytest.raises(DataError, match=r"broken\.json: item 1: invalid JSON"):
+        _tokenize(tmp_path / "broken.json", tok)
+    source = _tokenize(tmp_path / "broken.json", tok, on_bad_row="skip")
+    assert len(source) == 1 and source.stats.bad_row_reasons == {"invalid JSON": 1}
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(chat("Hi", "5")).encode() + b"\n" + b'{"x": "\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
         _tokenize(tmp_path / "latin1.jsonl", tok)

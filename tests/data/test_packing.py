@@ -7,7 +7,7 @@ from posttrain_jax.data import BATCH_KEYS, make_sft_pipeline
 from posttrain_jax.data.packing import build_row, plan_rows
 from posttrain_jax.tokenizer import render_chat
 
-from .conftest import END_OF_TURN, TEMPLATE, chat, segments, unshifted, write_jsonl
+from .conftest import TURN_END, TEMPLATE, chat, segments, unshifted, write_jsonl
 
 
 def test_plan_rows_first_fit_covers_every_draw_once():
@@ -82,7 +82,7 @@ def test_batches_follow_the_contract(tmp_path, tok, rows, packing):
             assert ids in rendered, "a row holds a split or foreign example"
             replies = [m["content"] for m in rendered[ids]["messages"] if m["role"] == "assistant"]
             trained = segment["targets"][segment["loss_mask"] == 1]
-            assert tok.decode(trained) == "".join(r + END_OF_TURN for r in replies)
+            assert tok.decode(trained) == "".join(r + TURN_END for r in replies)
             seen.append(ids)
     assert len(seen) == stats.draws == 60 - stats.sources[0].dropped_remainder
     assert len(set(seen)) == len(seen)

@@ -10,7 +10,7 @@ from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data.mixing import mixture_order
 from posttrain_jax.tokenizer import render_chat
 
-from .conftest import END_OF_TURN, TEMPLATE, numbered_rows, segments, unshifted, write_jsonl
+from .conftest import TURN_END, TEMPLATE, numbered_rows, segments, unshifted, write_jsonl
 
 SEQ_LEN = 64
 
@@ -26,7 +26,7 @@ def _pipeline(sources, tok, **kwargs):
 def _replies(tok, batches):
     """The assistant reply of every example in the batches, in order."""
     return [
-        tok.decode(s["targets"][s["loss_mask"] == 1]).removesuffix(END_OF_TURN)
+        tok.decode(s["targets"][s["loss_mask"] == 1]).removesuffix(TURN_END)
         for batch in batches for s in segments(batch)
     ]  # fmt: skip
 

@@ -22,7 +22,7 @@ from posttrain_jax.data.preference_rows import PairEncoder, response_caps, to_pr
 from posttrain_jax.data.synthetic import check_answer
 from posttrain_jax.tokenizer import SentencePieceTokenizer, render_chat
 
-from .conftest import END_OF_TURN, TEMPLATE, write_jsonl, write_parquet
+from .conftest import END_OF_TURN, TEMPLATE, TURN_END, write_jsonl, write_parquet
 
 SEQ_LEN = 96
 
@@ -61,7 +61,7 @@ def _ids(sequence):
 
 
 def _reply(tok, sequence):
-    return tok.decode(sequence["targets"][sequence["loss_mask"] == 1]).removesuffix(END_OF_TURN)
+    return tok.decode(sequence["targets"][sequence["loss_mask"] == 1]).removesuffix(TURN_END)
 
 
 def _replies(tok, batches):
@@ -135,7 +135,7 @@ def test_prompt_shared_and_loss_on_responses_only(tmp_path, tok, template):
                                                 process_index=0, process_count=1)  # fmt: skip
     pairs = list(_pairs(next(iterator)))
     assert len(pairs) == 4
-    end = "<|eot_id|>" if template == "llama3" else END_OF_TURN
+    end = "<|eot_id|>" if template == "llama3" else TURN_END
     for row, pair in zip(rows, pairs):
         parsed = to_preference_row(row)
         prompt = render_chat(tok, parsed.context, template=template, add_generation_prompt=True).ids
@@ -164,7 +164,7 @@ def test_mask_special_tokens(pairs_file, tok, template):
         for side in ("chosen", "rejected"):
             assert np.array_equal(a[side]["tokens"], b[side]["tokens"])
             dropped = (a[side]["loss_mask"] == 1) & (b[side]["loss_mask"] == 0)
-            assert a[side]["targets"][dropped].tolist() == [end]  # only the end-of-turn token
+            assert a[side]["targets"][dropped].tolist() == [end]  # only the end-of-turn token (not the "\n")
             assert not (b[side]["loss_mask"] & ~a[side]["loss_mask"]).any()
             assert not set(b[side]["targets"][b[side]["loss_mask"] == 1].tolist()) & specials
         assert _reply(tok, b["chosen"]).startswith("a ")
@@ -386,7 +386,7 @@ def test_prompt_ids_kept_when_the_tokenizer_merges_across_the_boundary(tok):
     for side, text in (("chosen", "yes"), ("rejected", "no")):
         ids, trained = responses[side]
         assert ids == merging.encode(text + END_OF_TURN + "\n")  # the reply encoded on its own
-        assert merging.decode([i for i, t in zip(ids, trained) if t]) == text + END_OF_TURN
+        assert merging.decode([i for i, t in zip(ids, trained) if t]) == text + TURN_END
 
 
 def test_write_arithmetic_preferences(tmp_path, tok):

@@ -195,7 +195,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     make_hf_model("llama", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"] * 3}))
-    with pytest.raises(ValueError, match=r"config\.json: invalid ModelConfig: layer_types has 3 entries"):
+    with pytest.raises(ValueError, match=r"config\.json: layer_types must list 2 entries"):
         load_hf(str(tmp_path))
 
 

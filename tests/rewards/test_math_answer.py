@@ -90,7 +90,7 @@ EQUIVALENCE = [
     (r"\text{(B)}", "(B)", True),  # non-numeric: normalised strings
     (r"\left( 1, 2 \right)", "(1,2)", True),
     (r"\sqrt{2}", r"\sqrt {2}", True),
-    (r"x^{2}+1", "x^2+1", False),  # no symbolic algebra
+    (r"x^{2}+1", "x^2+1", True),  # the same expression: math-verify (symbolic) decides
     (r"90^\circ", "90", True),
     ("5x", "5", False),  # 5x is an expression, not 5 with a unit
     (None, "3", False),  # no answer found

@@ -18,7 +18,7 @@ from posttrain_jax.sharding import DEFAULT_RULES, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import grpo
 from posttrain_jax.trainers.common import model_config_to_dict
-from posttrain_jax.trainers.grpo_objective import sequence_token_logps
+from posttrain_jax.rl.objectives import sequence_token_logps
 from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for, training_batch
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"
@@ -87,7 +87,7 @@ def test_grpo_pulse_on_eight_devices(tmp_path, task):
                                 "--config.grpo.loss_aggregation=sequence_mean")
     config.rewards = rewards
     summary = grpo.main(config)
-    assert summary["final_step"] == 2 and summary["compilations"] == {"train_step": 1, "sampler": 2}
+    assert summary["final_step"] == 2 and summary["compilations"] == {"train_step": 1, "sampler": 2, "score": 1}
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 2

@@ -59,7 +59,7 @@ def test_reward_model_learns_a_separable_set_and_scores_like_training(tmp_path, 
                                       {"prompt": row["prompt"], "response": row["rejected"]}])
     from posttrain_jax.data.preference import make_preference_eval_pipeline
     it, _ = make_preference_eval_pipeline(f"{toy[0]}/eval.jsonl", tok, template="chatml", seq_len=96,
-                                          global_pairs=16)
+                                          global_pairs=16, reward_inputs=True)
     batch = next(iter(it))
     _, terms = rm.make_rm_objective(pairs_per_row=it.pairs_per_row, use_margin=False, center_coef=0.0)
     sums = terms(model, {k: jnp.asarray(v) for k, v in batch.items()})[1]
