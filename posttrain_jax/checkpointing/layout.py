@@ -10,15 +10,12 @@ stacked on device: the run continues as if it had been saved scanned.
 
 from __future__ import annotations
 
-import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from posttrain_jax.checkpointing.trees import StoredLeaf, named_leaves
-from posttrain_jax.models.stacking import unstacked_sources
+from posttrain_jax.models.stacking import layer_sharding, stack_program, unstacked_sources
 
 
 def per_layer_plan(target, stored: dict[str, StoredLeaf]) -> dict[str, list[str]]:
@@ -43,17 +40,6 @@ def scanned_but_target_is_not(target, stored: dict[str, StoredLeaf]) -> str | No
     return None
 
 
-def _slice_sharding(sharding):
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-    return sharding
-
-
-@functools.cache
-def _stack_program(sharding):
-    return jax.jit(lambda *layers: jnp.stack(layers), out_shardings=sharding)
-
-
 def _is_scanned(node) -> bool:
     return isinstance(node, nnx.State) and "layers" in node
 
@@ -76,7 +62,7 @@ def per_layer_target(target):
             for g in range(groups):
                 blocks[g * period + j] = jax.tree.map(
                     lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
-                                                      sharding=_slice_sharding(leaf.sharding)), node["layers"][j])
+                                                      sharding=layer_sharding(leaf.sharding)), node["layers"][j])
         for k in range(len(node["tail"]) if "tail" in node else 0):
             blocks[period * groups + k] = node["tail"][k]
         rest = {key: value for key, value in node.items() if key not in ("layers", "tail")}
@@ -95,7 +81,7 @@ def to_scanned(target, restored):
         layers = {}
         for j in range(period):
             per_layer = [old["blocks"][g * period + j] for g in range(groups)]
-            layers[j] = jax.tree.map(lambda leaf, *values: _stack_program(leaf.sharding)(*values),
+            layers[j] = jax.tree.map(lambda leaf, *values: stack_program(leaf.sharding)(*values),
                                      node["layers"][j], *per_layer)
         out = {key: value for key, value in old.items() if key != "blocks"}
         out["layers"] = nnx.State(layers)
