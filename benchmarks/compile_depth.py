@@ -135,9 +135,10 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--layouts: unknown {sorted(unknown)}; use scan and/or loop")
     for layout in layouts:
-        points = [run_point(args, depth, layout == "scan") for depth in depths]
-        for point in points:
-            emit(point, args.out)
+        points = []
+        for depth in depths:  # each point written as soon as it is measured
+            points.append(run_point(args, depth, layout == "scan"))
+            emit(points[-1], args.out)
         shallow, deep = points[0], points[-1]
         emit({"bench": "compile_depth_ratio", "preset": args.preset, "scan_layers": layout == "scan",
               "remat": args.remat, "layers": [shallow["num_layers"], deep["num_layers"]],

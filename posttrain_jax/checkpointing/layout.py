@@ -10,15 +10,12 @@ stacked on device: the run continues as if it had been saved scanned.
 
 from __future__ import annotations
 
-import functools
 
 import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
 
-from posttrain_jax.checkpointing.trees import StoredLeaf, get_path, named_leaves, nested, restore_args_for
-from posttrain_jax.models.stacking import unstacked_sources
+from posttrain_jax.checkpointing.trees import StoredLeaf, named_leaves
+from posttrain_jax.models.stacking import layer_sharding, stack_program, unstacked_sources
 
 
 def per_layer_plan(target, stored: dict[str, StoredLeaf]) -> dict[str, list[str]]:
@@ -43,54 +40,53 @@ def scanned_but_target_is_not(target, stored: dict[str, StoredLeaf]) -> str | No
     return None
 
 
-def _slice_sharding(sharding):
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-    return sharding
+def _is_scanned(node) -> bool:
+    return isinstance(node, nnx.State) and "layers" in node
 
 
-@functools.cache
-def _stack_program(sharding):
-    return jax.jit(lambda *layers: jnp.stack(layers), out_shardings=sharding)
+def _groups(node) -> tuple[int, int]:
+    """(period, groups) of a scanned model's State node."""
+    period = len(node["layers"])
+    return period, jax.tree.leaves(node["layers"][0])[0].shape[0]
 
 
-def per_layer_item(target, stored: dict[str, StoredLeaf], plan: dict[str, list[str]], where: str):
-    """The (nested-dict) Orbax restore item and args that read the target's leaves, per layer where planned."""
-    leaves = {}
-    for name, leaf in named_leaves(target).items():
-        if name not in plan:
-            if name not in stored:
-                raise ValueError(f"{where}: the restore target has '{name}' but the checkpoint does not")
-            leaves[stored[name].path] = leaf
-            continue
-        layer_shape = tuple(leaf.shape[1:])
-        for source in plan[name]:
-            if stored[source].shape is not None and tuple(stored[source].shape) != layer_shape:
-                raise ValueError(f"{where}: '{source}' has shape {tuple(stored[source].shape)} in the checkpoint "
-                                 f"but one layer of '{name}' is {layer_shape}; is the checkpoint from another "
-                                 f"model config?")
-            leaves[stored[source].path] = jax.ShapeDtypeStruct(layer_shape, leaf.dtype,
-                                                               sharding=_slice_sharding(leaf.sharding))
-    item = nested(leaves)
-    return item, restore_args_for(item)
+def per_layer_target(target):
+    """`target` with every scanned model State (`layers`, `tail`) replaced by the per-layer `blocks` layout."""
+
+    def unstack(node):
+        if not _is_scanned(node):
+            return node
+        period, groups = _groups(node)
+        blocks = {}
+        for j in range(period):
+            for g in range(groups):
+                blocks[g * period + j] = jax.tree.map(
+                    lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype,
+                                                      sharding=layer_sharding(leaf.sharding)), node["layers"][j])
+        for k in range(len(node["tail"]) if "tail" in node else 0):
+            blocks[period * groups + k] = node["tail"][k]
+        rest = {key: value for key, value in node.items() if key not in ("layers", "tail")}
+        return nnx.State({**rest, "blocks": nnx.State(dict(sorted(blocks.items())))})
+
+    return jax.tree.map(unstack, target, is_leaf=_is_scanned)
 
 
-def assemble(target, restored, stored: dict[str, StoredLeaf], plan: dict[str, list[str]]):
-    """The restored nested dicts rearranged into `target`'s tree, per-layer leaves stacked into its shardings."""
-    values = []
-    for name, leaf in named_leaves(target).items():
-        if name not in plan:
-            values.append(get_path(restored, stored[name].path))
-            continue
-        layers = [get_path(restored, stored[source].path) for source in plan[name]]
-        values.append(_stack_program(leaf.sharding)(*layers))
-    return jax.tree.unflatten(jax.tree.structure(target), values)
+def to_scanned(target, restored):
+    """The per-layer `restored` tree in `target`'s scanned layout, each stack in its target sharding."""
 
+    def stack(node, old):
+        if not _is_scanned(node):
+            return old
+        period, groups = _groups(node)
+        layers = {}
+        for j in range(period):
+            per_layer = [old["blocks"][g * period + j] for g in range(groups)]
+            layers[j] = jax.tree.map(lambda leaf, *values: stack_program(leaf.sharding)(*values),
+                                     node["layers"][j], *per_layer)
+        out = {key: value for key, value in old.items() if key != "blocks"}
+        out["layers"] = nnx.State(layers)
+        if "tail" in node:
+            out["tail"] = nnx.State({k: old["blocks"][period * groups + k] for k in range(len(node["tail"]))})
+        return nnx.State(out)
 
-def restore_per_layer(state_dir, target, stored: dict[str, StoredLeaf], plan: dict[str, list[str]], where: str):
-    """Read a per-layer (unscanned) checkpoint's state directory into the scanned `target`."""
-    item, restore_args = per_layer_item(target, stored, plan, where)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
-    return assemble(target, restored, stored, plan)
+    return jax.tree.map(stack, target, restored, is_leaf=_is_scanned)

@@ -24,8 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from posttrain_jax.checkpointing.layout import (assemble, per_layer_item, per_layer_plan, restore_per_layer,
-                                                scanned_but_target_is_not)
+from posttrain_jax.checkpointing.layout import (per_layer_plan, per_layer_target, scanned_but_target_is_not,
+                                                to_scanned)
 from posttrain_jax.checkpointing.trees import (DATA_STATE, METADATA, STATE, as_path, check_target, host_target,
                                                resolve_step_dir, restore_args_for, stored_leaves)
 
@@ -207,16 +207,16 @@ class RunCheckpointer:
         step_dir = resolve_step_dir(self.directory, step)
         where = f"checkpoint {step_dir}"
         stored = stored_leaves(step_dir / STATE)
-        plan = per_layer_plan(target, stored)
-        if plan:  # saved before layers were scanned: read each layer, stack them (checkpointing/layout.py)
-            item, restore_args = per_layer_item(target, stored, plan, where)
+        # Saved before layers were scanned: read each layer, stack them (checkpointing/layout.py).
+        convert = bool(per_layer_plan(target, stored))
+        item = per_layer_target(target) if convert else target
+        if convert:
             log.info("%s holds one entry per layer; stacking them into the scanned layout", where)
         else:
             _check_layout(target, stored, where)
-            check_target(target, stored, where, partial=partial)
-            item, restore_args = target, restore_args_for(target)
-        items = {STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                               partial_restore=partial or bool(plan))}
+        check_target(item, stored, where, partial=partial)
+        items = {STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args_for(item),
+                                               partial_restore=partial)}
         if (step_dir / METADATA).exists():
             items[METADATA] = ocp.args.JsonRestore()
         if restore_data_state and (step_dir / DATA_STATE).exists():
@@ -224,7 +224,7 @@ class RunCheckpointer:
         if int(step_dir.name) not in self._manager.all_steps():
             self._manager.reload()  # written by another process since this checkpointer was opened
         restored = self._manager.restore(int(step_dir.name), args=ocp.args.Composite(**items))
-        state = assemble(target, restored[STATE], stored, plan) if plan else restored[STATE]
+        state = to_scanned(target, restored[STATE]) if convert else restored[STATE]
         return (state, restored[DATA_STATE] if DATA_STATE in items else None,
                 restored[METADATA] if METADATA in items else None)
 
@@ -285,14 +285,15 @@ def load_params(path, step: int | None = None, *, target=None, params_key: str =
             raise ValueError(f"{where} has no '{params_key}' entry; its state holds {tops}")
         item, restore_args = host_target(leaves)
     else:
-        item = {params_key: target}
-        plan = per_layer_plan(item, stored)
-        if plan:  # saved before layers were scanned (checkpointing/layout.py)
-            return restore_per_layer(step_dir / STATE, item, stored, plan, where)[params_key]
-        _check_layout(item, stored, where)
+        wanted = {params_key: target}
+        # Saved before layers were scanned: read each layer, stack them (checkpointing/layout.py).
+        convert = bool(per_layer_plan(wanted, stored))
+        item = per_layer_target(wanted) if convert else wanted
+        if not convert:
+            _check_layout(item, stored, where)
         check_target(item, stored, where, partial=True)
         restore_args = restore_args_for(item)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
-    return restored[params_key]
+    return to_scanned(wanted, restored)[params_key] if convert else restored[params_key]

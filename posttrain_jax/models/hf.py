@@ -8,7 +8,6 @@ multi-host pod (every host reads the same files from shared storage).
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import logging
@@ -17,17 +16,16 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from posttrain_jax.models.build import abstract_model, model_shardings
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.hf_config import from_hf_config, to_hf_config
-from posttrain_jax.models.stacking import scanned_location
+from posttrain_jax.models.stacking import layer_sharding, scanned_location, stack_program
 from posttrain_jax.models.transformer import Decoder
 from posttrain_jax.sharding import DEFAULT_RULES, Rules
 
@@ -88,18 +86,6 @@ def _layout_names(c: ModelConfig, prefix: str = "model.", head_prefix: str = "")
         where, _ = scanned_location(c, int(layer))
         out.setdefault(f"{where}.{rest}", ([], kind))[0].append(hf)  # layers come in order: g ascending
     return out
-
-
-def _slice_sharding(sharding):
-    """The sharding of one layer of a stacked parameter (its leading "layers" axis is never sharded)."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-    return sharding
-
-
-@functools.cache
-def _stack_program(sharding):
-    return jax.jit(lambda *layers: jnp.stack(layers), out_shardings=sharding)
 
 
 def _to_ours(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -237,10 +223,10 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype: str | None = None, co
                                      fresh_params)
             continue
         # A scanned stack: one device array per layer (host memory stays near one tensor), stacked on device.
-        layer_sharding = _slice_sharding(sharding)
-        layers = [_load_one(ckpt, path, hf, kind, ours, var.shape[1:], var.dtype, layer_sharding, None)
+        one_layer = layer_sharding(sharding)
+        layers = [_load_one(ckpt, path, hf, kind, ours, var.shape[1:], var.dtype, one_layer, None)
                   for hf in hf_names]
-        values[ours] = _stack_program(sharding)(*layers)
+        values[ours] = stack_program(sharding)(*layers)
         del layers
     used = {hf for hf_names, _ in names.values() for hf in hf_names}
     unused = [n for n in ckpt.files if n not in used]

@@ -15,11 +15,13 @@ before layers were scanned, and the oracle the scanned model is tested against.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from posttrain_jax.models.config import ModelConfig
 
@@ -68,6 +70,19 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
 
     stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, stacked)
+
+
+def layer_sharding(sharding):
+    """The sharding of one layer of a stacked array (its leading layers axis is never sharded)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+@functools.cache
+def stack_program(sharding):
+    """A jitted `jnp.stack` of per-layer arrays straight into the stack's sharding (one per sharding)."""
+    return jax.jit(lambda *layers: jnp.stack(layers), out_shardings=sharding)
 
 
 # ------------------------------------------------------------- names of checkpoint leaves

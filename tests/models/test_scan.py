@@ -169,23 +169,35 @@ def _batch_long(config, rows, length):
     return tokens, positions, jnp.ones((rows, length), jnp.int32)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_remat_policies_same_gradients_less_memory(scan_layers):
-    config = preset("tiny-llama", num_layers=4, layer_types=(), scan_layers=scan_layers)
-    tokens, positions, segments = _batch_long(config, rows=4, length=64)
-    results = {}
-    for remat in ("none", "full", "dots", "dots_no_batch"):
-        graphdef, params = nnx.split(create_model(config.replace(remat=remat), seed=0), nnx.Param)
-        compiled = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, graphdef, tokens, positions,
-                                                                     segments).compile()
-        grads = compiled(params, tokens, positions, segments)
-        results[remat] = (jax.tree.leaves(grads), compiled.memory_analysis().temp_size_in_bytes)
-    reference, temp_none = results["none"]
+def _grads_and_temp_bytes(config, tokens, positions, segments):
+    graphdef, params = nnx.split(create_model(config, seed=0), nnx.Param)
+    compiled = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, graphdef, tokens, positions,
+                                                                 segments).compile()
+    grads = compiled(params, tokens, positions, segments)
+    return jax.tree.leaves(grads), compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_policies_same_gradients_less_memory():
+    config = preset("tiny-llama", num_layers=4, layer_types=())
+    batch = _batch_long(config, rows=8, length=128)
+    results = {remat: _grads_and_temp_bytes(config.replace(remat=remat), *batch) for remat in REMAT_POLICIES}
+    reference, _ = results["none"]
     for remat, (grads, _) in results.items():
         for got, want in zip(grads, reference):
             # Recomputation repeats the same ops; only XLA's fusion of them may round differently.
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8, err_msg=remat)
     temps = {remat: temp for remat, (_, temp) in results.items()}
-    # Recomputing the block in the backward pass keeps fewer activations alive.
-    assert temps["full"] < temps["dots_no_batch"] <= temps["none"], temps
-    assert temps["full"] < 0.6 * temps["none"], temps
+    # What each policy keeps for the backward pass, in the compiled program's temporaries (measured on
+    # XLA:CPU: none 47 MiB, dots 28, dots_no_batch 19, full 14; offload's host copies count as device
+    # memory on CPU, so there it equals dots_no_batch).
+    assert temps["full"] < temps["dots_no_batch"] < temps["dots"] < temps["none"], temps
+    assert temps["full"] < 0.4 * temps["none"], temps
+
+
+def test_remat_unrolled_same_gradients():
+    config = preset("tiny-llama", num_layers=2, layer_types=(), scan_layers=False)
+    batch = _batch_long(config, rows=2, length=16)
+    reference, _ = _grads_and_temp_bytes(config, *batch)
+    grads, _ = _grads_and_temp_bytes(config.replace(remat="full"), *batch)
+    for got, want in zip(grads, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # gradients are ~1e-2
