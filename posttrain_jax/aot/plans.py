@@ -121,25 +121,29 @@ def dpo_plan(config, shards: int, per_chip_batch: int | None) -> StepPlan:
 
 
 def grpo_plan(config, shards: int, per_chip_batch: int | None) -> StepPlan:
-    """GRPO's optimizer step on one minibatch of rollouts (prompt + completion rows); sampling is not compiled."""
-    from posttrain_jax.trainers.grpo_objective import make_grpo_denominator, make_grpo_objective
+    """GRPO's optimizer step on one minibatch of rollouts (prompt + completion rows); sampling is not compiled.
+
+    The step is the RL loop's policy update (`posttrain_jax.rl`) with the `grpo` section's settings,
+    fed the batch keys the loop feeds it.
+    """
+    from posttrain_jax.rl.loop import FORWARD_KEYS, PER_ROW, policy_keys
+    from posttrain_jax.rl.objectives import make_policy_denominator, make_policy_objective
+    from posttrain_jax.trainers.grpo import settings
     g, s, t = config.grpo, config.sampling, config.train
+    rl = settings(g)
     rollout_rows = g.prompts_per_step * g.group_size
     if rollout_rows % g.num_minibatches:
         raise ValueError(f"grpo.num_minibatches={g.num_minibatches} does not divide {rollout_rows} rollout rows")
     rows = _rows(rollout_rows // g.num_minibatches, per_chip_batch, shards, t.accum_steps)
     seq_len = config.data.max_prompt_length + s.max_new_tokens
     batch = _sequences(rows, seq_len)
-    batch.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in ("advantages", "sample_mask")})
-    if g.beta:
-        batch["ref_logps"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32)
-    if g.num_iterations > 1 or g.num_minibatches > 1:
-        batch["old_logps"] = jax.ShapeDtypeStruct((rows, seq_len), jnp.float32)
-    objective = make_grpo_objective(aggregation=g.loss_aggregation, epsilon_low=g.epsilon_low,
-                                    epsilon_high=g.epsilon_high, beta=g.beta, kl_estimator=g.kl_estimator,
-                                    temperature=s.temperature, chunk_size=g.loss_chunk_size or None)
-    return StepPlan(model=model_config(config.model, head="lm"), objective=objective,
-                    denominator=make_grpo_denominator(g.loss_aggregation, max_completion_length=s.max_new_tokens),
+    for key in policy_keys(rl):
+        if key not in FORWARD_KEYS:
+            shape = (rows,) if key in PER_ROW else (rows, seq_len)
+            batch[key] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return StepPlan(model=model_config(config.model, head="lm"),
+                    objective=make_policy_objective(rl, temperature=s.temperature),
+                    denominator=make_policy_denominator(rl, max_completion_length=s.max_new_tokens),
                     batch=batch, accum_steps=t.accum_steps, ema=False, rows=rows, seq_len=seq_len)
 
 
