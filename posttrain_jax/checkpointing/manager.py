@@ -278,6 +278,7 @@ def load_params(path, step: int | None = None, *, target=None, params_key: str =
     step_dir = resolve_step_dir(path, step)
     stored = stored_leaves(step_dir / STATE)
     where = f"checkpoint {step_dir}"
+    convert = False  # host arrays come back as saved; only a target can ask for the scanned layout
     if target is None:
         leaves = [leaf for leaf in stored.values() if leaf.path[0] == params_key]
         if not leaves:
