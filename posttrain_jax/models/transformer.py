@@ -265,7 +265,9 @@ class Decoder(nnx.Module):
         blocks = [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
         if c.scan_layers:  # layout: see models/stacking.py
             period, groups = layer_groups(c)
-            self.layers = nnx.List([stack_modules(blocks[j:period * groups:period]) for j in range(period)])
+            # No full group (e.g. num_layers=0 for a head-only AOT plan): nothing to scan, all in the tail.
+            self.layers = nnx.List([stack_modules(blocks[j:period * groups:period]) for j in range(period)]
+                                   if groups else [])
             self.tail = nnx.List(blocks[period * groups:])
         else:
             self.blocks = nnx.List(blocks)
@@ -310,7 +312,10 @@ class Decoder(nnx.Module):
                 cache_kv = _put_layer_kv(cache_kv, kv, i)
             return x, cache_kv
         period, groups = layer_groups(c)
-        graphdefs, states = zip(*(nnx.split(stack) for stack in self.layers))
+        if not groups:
+            graphdefs, states = (), ()
+        else:
+            graphdefs, states = zip(*(nnx.split(stack) for stack in self.layers))
         layer_fns = [_layer_fn(graphdef, remat, True) for graphdef in graphdefs]
 
         def group(carry, group_states):
@@ -320,7 +325,8 @@ class Decoder(nnx.Module):
                 cache_kv = _put_layer_kv(cache_kv, kv, first + j)
             return (x, cache_kv, first + period), None
 
-        (x, cache_kv, _), _ = jax.lax.scan(group, (x, cache_kv, jnp.zeros((), jnp.int32)), states)
+        if groups:
+            (x, cache_kv, _), _ = jax.lax.scan(group, (x, cache_kv, jnp.zeros((), jnp.int32)), states)
         for k, block in enumerate(self.tail):
             graphdef, state = nnx.split(block)
             layer = period * groups + k
