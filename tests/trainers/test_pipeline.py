@@ -27,7 +27,10 @@ def tiny_pipeline_args(d, out):
         f"--config.base.checkpoint={d}/base", "--config.data.quickstart_task=False",
         f"--config.data.sft_mix=[{{'path': '{d}/train.jsonl'}}]", f"--config.data.preferences=['{d}/prefs.jsonl']",
         f"--config.data.prompts={d}/prompts.jsonl", f"--config.data.eval_path={d}/eval.jsonl",
-        "--config.data.prompts_per_round=8", "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}",
+        "--config.data.prompts_per_round=8",
+        # data-parallel only: scanned layers on a (2, 2, 2) host-CPU mesh hit an XLA:CPU collective deadlock
+        # (known bug, see tests/trainers/test_preference_trainers.py); the loop's logic is what is tested here.
+        "--config.mesh={'data': 8, 'fsdp': 1, 'tensor': 1}",
         "--config.rm.overrides={'train': {'steps': 3, 'global_pairs': 8, 'checkpoint_every': 1}}",
         "--config.rejection.reward_model_options={'batch_size': 16, 'max_length': 96}",
         "--config.rejection.overrides={'rejection': {'num_samples': 2, 'prompts_per_batch': 8, 'require_correct': [], "
