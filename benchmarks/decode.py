@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from posttrain_jax.cpu_devices import host_device_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from sft_step import emit, max_rss_mib
@@ -283,7 +285,7 @@ class Worker:
     def __init__(self, variant: str, argv: list[str], args, data_dir: str):
         env = dict(os.environ)
         if not variant.startswith("torch"):
-            devices = "--xla_force_host_platform_device_count=2" if variant.endswith("-tp2") else ""
+            devices = host_device_flags(2) if variant.endswith("-tp2") else ""
             env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags, devices) if f).strip()
             env.setdefault("JAX_PLATFORMS", "cpu")
         self.variant = variant

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from posttrain_jax.cpu_devices import host_device_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # real_models, xla_profile
 FRAMEWORKS = {"jax": "posttrain_jax", "torch": "pytorch"}
@@ -253,7 +255,7 @@ def run_worker(kind: str, argv: list[str], args) -> dict:
     if kind in ("jax", "peak"):
         flags = [env.get("XLA_FLAGS", ""), args.xla_flags]
         if kind == "jax" and args.devices > 1:
-            flags.append(f"--xla_force_host_platform_device_count={args.devices}")
+            flags.append(host_device_flags(args.devices))
         env["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
         env.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as tmp:

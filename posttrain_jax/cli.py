@@ -121,8 +121,8 @@ def _ablate(argv: list[str]) -> None:
     # The gradient part compares splits over 8 devices: on a CPU host, make 8 (before jax starts).
     if "jax" not in _sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                       " --xla_force_host_platform_device_count=8").strip()
+            from posttrain_jax.cpu_devices import host_device_flags
+            os.environ["XLA_FLAGS"] = host_device_flags(8, os.environ.get("XLA_FLAGS", ""))
     # --fast: the small grid CI runs (see ablation.apply_fast).
     _run_trainer("ablate", ["--config.fast=True" if a == "--fast" else a for a in argv])
 

@@ -182,7 +182,19 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     if len({d.process_index for d in devices}) > 1 and not processes_contiguous(grid):
         log.warning("mesh %s: processes do not own contiguous blocks of the data-parallel axes; global batches "
                     "hold the same rows in another order than on one host", dict(zip(AXES, grid.shape)))
+    _warn_concurrent_cpu_collectives(devices)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _warn_concurrent_cpu_collectives(devices: Sequence[jax.Device]) -> None:
+    """Several CPU devices in one process without SERIAL_COLLECTIVES can abort in a collective rendezvous."""
+    from posttrain_jax.cpu_devices import SERIAL_COLLECTIVES
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    if (len(local) > 1 and local[0].platform == "cpu"
+            and "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", "")):
+        log.warning("%d CPU devices in this process: set XLA_FLAGS='... %s' before jax starts, or scanned layers "
+                    "may abort in an XLA:CPU collective rendezvous (see posttrain_jax/cpu_devices.py)",
+                    len(local), SERIAL_COLLECTIVES)
 
 
 def _metadata(key: str, timeout_s: float = 2.0) -> str | None:

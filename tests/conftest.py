@@ -6,8 +6,10 @@ XLA_FLAGS must be set before jax is imported anywhere, hence at the top here.
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+# 8 host devices, with XLA:CPU's collectives kept in program order (see posttrain_jax/cpu_devices.py).
+from posttrain_jax.cpu_devices import host_device_flags  # noqa: E402  (jax-free)
+
+os.environ["XLA_FLAGS"] = host_device_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent compilation cache for the whole run (and the subprocesses tests start): many tests compile

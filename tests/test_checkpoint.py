@@ -22,6 +22,7 @@ from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, RunCheckpointer, abst
                                       ema_update, load_params, read_metadata, resolve_step_dir)
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import abstract_model, model_shardings, preset
+from posttrain_jax.cpu_devices import host_device_flags
 
 # 4 KV heads (tiny-llama has 2) so the (1, 2, 4) mesh can split them over `tensor`.
 CONFIG = preset("tiny-llama", num_kv_heads=4)
@@ -215,7 +216,7 @@ def test_save_killed_midway_is_ignored(tmp_path, mesh, kill_point):
     run_dir = tmp_path / "run"
     script = tmp_path / "kill_mid_save.py"
     script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": host_device_flags(8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, str(script), kill_point, str(run_dir)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]

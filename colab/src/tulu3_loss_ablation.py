@@ -39,7 +39,8 @@
 if not ON_TPU and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     if "jax" in sys.modules:
         print("JAX is imported already, so the 8 CPU devices cannot be made: restart the runtime and run again")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    from posttrain_jax.cpu_devices import host_device_flags
+    os.environ["XLA_FLAGS"] = host_device_flags(8, os.environ.get("XLA_FLAGS", ""))
 print("XLA_FLAGS =", os.environ.get("XLA_FLAGS", ""))
 
 # %% include: devices

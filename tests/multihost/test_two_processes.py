@@ -23,6 +23,7 @@ import pytest
 
 from posttrain_jax.checkpointing import load_params
 from posttrain_jax.data import synthetic
+from posttrain_jax.cpu_devices import host_device_flags
 
 STEPS = 4
 TIMEOUT_S = 300
@@ -39,7 +40,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, cache_dir) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(devices), JAX_PLATFORMS="cpu",
                TOKENIZERS_PARALLELISM="false")
     # The resumed single-process run compiles what the first one did: reuse it.
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -15,6 +15,7 @@ from posttrain_jax.data.preference import write_arithmetic_preferences
 from posttrain_jax.models import create_model, preset
 from posttrain_jax.trainers.common import model_config_to_dict
 from posttrain_jax.trainers.pipeline_stages import MARKER, build_pairs
+from posttrain_jax.cpu_devices import host_device_flags
 
 STAGES = ["round_0/eval", "round_1/rm", "round_1/rejection", "round_1/sft", "round_1/pairs", "round_1/dpo_0",
           "round_1/dpo_1", "round_1/average", "round_1/eval"]
@@ -28,9 +29,7 @@ def tiny_pipeline_args(d, out):
         f"--config.data.sft_mix=[{{'path': '{d}/train.jsonl'}}]", f"--config.data.preferences=['{d}/prefs.jsonl']",
         f"--config.data.prompts={d}/prompts.jsonl", f"--config.data.eval_path={d}/eval.jsonl",
         "--config.data.prompts_per_round=8",
-        # data-parallel only: scanned layers on a (2, 2, 2) host-CPU mesh hit an XLA:CPU collective deadlock
-        # (known bug, see tests/trainers/test_preference_trainers.py); the loop's logic is what is tested here.
-        "--config.mesh={'data': 8, 'fsdp': 1, 'tensor': 1}",
+        "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}",
         "--config.rm.overrides={'train': {'steps': 3, 'global_pairs': 8, 'checkpoint_every': 1}}",
         "--config.rejection.reward_model_options={'batch_size': 16, 'max_length': 96}",
         "--config.rejection.overrides={'rejection': {'num_samples': 2, 'prompts_per_batch': 8, 'require_correct': [], "
@@ -62,7 +61,7 @@ def data(tmp_path_factory):
 
 
 def _run(args, **env):
-    environ = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", **env)
+    environ = dict(os.environ, XLA_FLAGS=host_device_flags(8), JAX_PLATFORMS="cpu", **env)
     cmd = [sys.executable, "-m", "posttrain_jax.cli", "pipeline", *args]
     return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=1200)
 

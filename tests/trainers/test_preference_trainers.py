@@ -38,11 +38,7 @@ def _config(module, out, toy, *extra):
         f"--config.output_dir={out}", "--config.data.quickstart_task=False", f"--config.tokenizer={tokenizer}",
         f"--config.data.sources=[{{'path': '{d}/train.jsonl'}}]", f"--config.data.eval_path={d}/eval.jsonl",
         "--config.model.checkpoint=", "--config.data.sft_eval_path=", "--config.train.global_pairs=16", "--config.data.seq_len=96",
-        "--config.train.log_every=1", MESH,
-        # Known bug (open): with scanned layers on this (2, 2, 2) mesh of 8 host CPU devices the RM step
-        # deadlocks in XLA:CPU's collective rendezvous (one device waits in an all-gather while the others
-        # are in a collective permute) and aborts the process; the unrolled layout runs.
-        "--config.model.scan_layers=False", *extra])
+        "--config.train.log_every=1", MESH, *extra])
 
 
 def _losses(out):

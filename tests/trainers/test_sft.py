@@ -16,6 +16,7 @@ from posttrain_jax.checkpointing import load_params
 from posttrain_jax.config import apply_overrides
 from posttrain_jax.trainers import sft
 from posttrain_jax.trainers.export import load_checkpoint_model
+from posttrain_jax.cpu_devices import host_device_flags
 
 SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",
          "--config.train.global_batch=16", "--config.train.log_every=1"]
@@ -47,7 +48,7 @@ def test_pulse_on_8_devices(tmp_path):
 
 
 def _cli(out, *extra, kill_at=0, after_save=True, devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_device_flags(devices), JAX_PLATFORMS="cpu")
     if kill_at:
         env["POSTTRAIN_JAX_TEST_SIGKILL_AT_STEP"] = str(kill_at)
         env["POSTTRAIN_JAX_TEST_SIGKILL_AFTER_SAVE"] = "1" if after_save else "0"

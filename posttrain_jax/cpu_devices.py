@@ -1,0 +1,30 @@
+"""XLA flags for several devices on one CPU host (tests, CPU meshes, the ablation).
+
+Jax-free, so it can be used before jax starts (flags are read once, when the
+CPU backend initialises).
+
+Why the second flag: XLA:CPU runs one program per device on a thread pool and
+starts every thunk as soon as its inputs are ready. Collectives inside a while
+loop (a scan over layers) are not ordered against independent collectives
+outside it, so one device can enter the loop's all-reduce (over a 2-device
+group) while its partner enters a collective-permute over all 8 devices: each
+waits for the other and XLA aborts the process after 40 s ("Termination
+timeout for `collective permute` ... only 7 of them arrived"). Seen here with
+the reward model's scanned step on a (2, 2, 2) mesh. The depth-first memory
+scheduler (concurrency-optimized scheduler off) orders the program so that
+this does not happen; it also keeps peak host memory lower. Other JAX projects
+that fake CPU devices set the same flag for the same reason.
+"""
+
+from __future__ import annotations
+
+SERIAL_COLLECTIVES = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def host_device_flags(count: int, existing: str = "") -> str:
+    """`existing` XLA_FLAGS plus `count` host CPU devices and `SERIAL_COLLECTIVES` (neither added twice)."""
+    flags = [f for f in existing.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    if count > 1 and "xla_cpu_enable_concurrency_optimized_scheduler" not in existing:
+        flags.append(SERIAL_COLLECTIVES)
+    return " ".join(flags)
