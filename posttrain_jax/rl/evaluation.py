@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -10,9 +11,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from posttrain_jax.data import synthetic
-from posttrain_jax.metrics import progress_bar
-from posttrain_jax.sampling import Sampler, SamplingParams
-from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for
+from posttrain_jax.eval.evaluator import EvalSettings, Evaluator
+from posttrain_jax.sampling import Sampler
+from posttrain_jax.trainers.rollout import load_prompts, stop_tokens_for
 
 
 def global_rows(values: np.ndarray) -> np.ndarray:
@@ -39,52 +40,31 @@ def quickstart_data(config) -> None:
 
 
 def make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
-    """Held-out accuracy of the verifiable rewards: greedy, and pass@1 of `eval_samples` samples drawn at the
-    training temperature (the policy GRPO optimises), plus the mean total reward of those samples."""
+    """evaluate(params) -> held-out metrics of the verifiable rewards, through `posttrain_jax.eval.Evaluator`
+    (the evaluator of `posttrain-jax eval` and every trainer's before/after evaluation).
+
+    Keys: `accuracy` (greedy), `reward_mean` (mean total reward of the greedy replies) and, with
+    data.eval_samples > 0, `sampled_accuracy` (pass@1 of eval_samples samples at the training temperature:
+    the policy the RL objective optimises) and `sampled_reward_mean`; plus the evaluator's own keys
+    (per-reward means, lengths, truncation rates). Raises ValueError as `Evaluator` does (e.g. data.eval_batch
+    not a multiple of processes x data shards).
+    """
     d, s = config.data, config.sampling
-    prompts, _ = load_prompts(d.eval_path, tokenizer, template=config.chat_template,
-                              max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
-                              on_bad_row=d.on_bad_row)
-    stops = stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens)
-    modes = {"accuracy": SamplingParams(max_new_tokens=s.max_new_tokens, greedy=True, pad_token=pad,
-                                        stop_tokens=stops)}
-    if d.eval_samples:
-        modes["sampled_accuracy"] = SamplingParams(
-            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            stop_tokens=stops, pad_token=pad, num_samples=d.eval_samples)
-    batch, count = d.eval_batch, jax.process_count()
-    if batch % count:
-        raise ValueError(f"data.eval_batch={batch} must be divisible by the {count} processes")
-    verifiable = list(rewards.verifiable)[:1]
+    prompts, stats = load_prompts(d.eval_path, tokenizer, template=config.chat_template,
+                                  max_prompt_length=d.max_prompt_length, length_policy=d.length_policy,
+                                  on_bad_row=d.on_bad_row)
+    logging.getLogger(__name__).info(stats.report(d.eval_path))
+    settings = EvalSettings(num_samples=d.eval_samples, ks=(1,) if d.eval_samples else (), greedy=True,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, prompts_per_batch=d.eval_batch,
+                            max_prompt_length=d.max_prompt_length, seed=config.seed)
+    evaluator = Evaluator(prompts, sampler=sampler, tokenizer=tokenizer, rewards=rewards, settings=settings,
+                          stop_tokens=stop_tokens_for(tokenizer, config.chat_template, s.stop_tokens),
+                          pad_token=pad)
+    names = {"greedy_reward": "reward_mean", "pass@1": "sampled_accuracy", "sampled_reward": "sampled_reward_mean"}
 
     def evaluate(params) -> dict[str, float]:
-        sums = np.zeros(2 * len(modes))  # per mode: correct, reward
-        share = batch // count
-        first = jax.process_index() * share
-        # (the sampler sets its mesh itself; a reward model runs on its own)
-        bar = progress_bar(len(prompts), desc="eval", unit="prompt", leave=False)
-        for begin in range(0, len(prompts), batch):
-            chunk = prompts[begin:begin + batch]
-            real = len(chunk)
-            chunk = chunk + [prompts[0]] * (batch - real)  # a fixed shape: one compilation per mode
-            local = chunk[first:first + share]
-            for i, (name, params_) in enumerate(modes.items()):
-                out = sample_and_score(sampler, params, local, params_, jax.random.key(begin),
-                                       tokenizer=tokenizer, rewards=rewards,
-                                       max_prompt_length=d.max_prompt_length)
-                n = params_.num_samples
-                valid = np.repeat(np.arange(first, first + share) < real, n).astype(np.float64) / n
-                if verifiable:
-                    sums[2 * i] += float((out.rewards.correct[verifiable[0]] * valid).sum())
-                sums[2 * i + 1] += float((out.rewards.total * valid).sum())
-            bar.update(real)
-        bar.close()
-        sums = global_rows(sums[None]).sum(axis=0) / len(prompts)
-        result = {"prompts": float(len(prompts))}
-        for i, name in enumerate(modes):
-            if verifiable:
-                result[name] = float(sums[2 * i])
-            result["reward_mean" if name == "accuracy" else "sampled_reward_mean"] = float(sums[2 * i + 1])
-        return result
+        metrics = evaluator(params, desc="eval")
+        return {names.get(k, k): float(v) for k, v in metrics.items()}
 
     return evaluate
