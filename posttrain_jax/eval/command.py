@@ -39,8 +39,9 @@ from posttrain_jax.sampling import Sampler
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules, model_config
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
-from posttrain_jax.trainers.rejection import _global_sum
-from posttrain_jax.trainers.rollout import load_prompts, stop_tokens_for
+from posttrain_jax.eval.progress import global_sum
+from posttrain_jax.data.prompts import load_prompts
+from posttrain_jax.sampling.text import stop_tokens_for
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         a = scores_by_index(read_records(os.path.join(out, "model", "records.jsonl")), reward_name)
         b = scores_by_index(read_records(os.path.join(out, "model_b", "records.jsonl")), reward_name)
         local = win_rate([a[i] for i in sorted(a)], [b[i] for i in sorted(a)])
-        counts = _global_sum([local[k] * len(a) for k in ("wins", "ties", "losses")] + [len(a)])
+        counts = global_sum([local[k] * len(a) for k in ("wins", "ties", "losses")] + [len(a)])
         total = max(counts[3], 1.0)
         results["win_rate"] = {"reward": reward_name, "win_rate": (counts[0] + 0.5 * counts[1]) / total,
                                "wins": counts[0] / total, "ties": counts[1] / total, "losses": counts[2] / total}

@@ -13,7 +13,7 @@ Every metric is a mean over prompts of a per-prompt value (see `prompt_values`),
 so each process sums its own prompts and one all-reduce makes the result.
 
 Prompts go through in file order, `prompts_per_batch` (global) at a time, each
-process sampling its contiguous share (`trainers.rejection.batch_share`); the
+process sampling its contiguous share (`eval.progress.batch_share`); the
 last batch is padded to the same shape, so there is one compilation per
 SamplingParams (greedy, sampled) for the whole set. Batch b's RNG is
 `fold_in(key(seed), b)`: the result does not depend on where a run was resumed.
@@ -40,8 +40,9 @@ from jax.experimental import multihost_utils
 from posttrain_jax.eval.metrics import maj_at_k, pass_at_k, vote_key
 from posttrain_jax.rewards import Rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
-from posttrain_jax.trainers.rejection import _global_sum, batch_share, read_progress, shard_path, write_progress
-from posttrain_jax.trainers.rollout import PromptRow, sample_and_score
+from posttrain_jax.eval.progress import batch_share, global_sum, read_progress, shard_path, write_progress
+from posttrain_jax.data.prompts import PromptRow
+from posttrain_jax.rl.rollout import sample_and_score
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def summarize(records: Sequence[dict], *, ks: Sequence[int], verifiable: Sequenc
             sums[key] += float(value)
     if jax.process_count() > 1:  # every process has the same keys (the same settings and rewards)
         keys = sorted(_all_keys(keys))
-    total = _global_sum(np.asarray([sums.get(k, 0.0) for k in keys], np.float64))
+    total = global_sum(np.asarray([sums.get(k, 0.0) for k in keys], np.float64))
     out = dict(zip(keys, (float(x) for x in total)))
     count = max(out.pop("prompts", 0.0), 1.0)
     return {"prompts": int(count), **{k: v / count for k, v in out.items()}}

@@ -13,7 +13,8 @@ from jax.experimental import multihost_utils
 from posttrain_jax.data import synthetic
 from posttrain_jax.eval.evaluator import EvalSettings, Evaluator
 from posttrain_jax.sampling import Sampler
-from posttrain_jax.trainers.rollout import load_prompts, stop_tokens_for
+from posttrain_jax.data.prompts import load_prompts
+from posttrain_jax.sampling.text import stop_tokens_for
 
 
 def global_rows(values: np.ndarray) -> np.ndarray:

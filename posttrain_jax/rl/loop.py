@@ -45,7 +45,9 @@ from posttrain_jax.train.loop import resume_from_latest
 from posttrain_jax.train.step import split_microbatches
 from posttrain_jax.trainers import runner
 from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, run_metadata
-from posttrain_jax.trainers.rollout import PromptIterator, load_prompts, sample_and_score, stop_tokens_for
+from posttrain_jax.data.prompts import load_prompts, PromptIterator
+from posttrain_jax.rl.rollout import sample_and_score
+from posttrain_jax.sampling.text import stop_tokens_for
 
 log = logging.getLogger(__name__)
 

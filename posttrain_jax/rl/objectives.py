@@ -1,7 +1,7 @@
 """What the jitted steps compute: the scoring pass over a rollout, and the policy / critic objectives.
 
 A rollout batch (global, sharded over the batch axes) holds prompt + completion rows laid out as
-`trainers.rollout.training_batch` builds them (tokens, targets, positions, segment_ids,
+`rl.rollout.training_batch` builds them (tokens, targets, positions, segment_ids,
 loss_mask [rows, width]) plus `behaviour_logps` [rows, width] (the sampler's log-probs at the
 loss positions), `scores` [rows] (the summed rewards) and `sample_mask` [rows].
 

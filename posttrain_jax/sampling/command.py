@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     from flax import nnx
 
     from posttrain_jax.sampling import Sampler, SamplingParams
-    from posttrain_jax.trainers.rollout import completion_text, stop_tokens_for
+    from posttrain_jax.sampling.text import completion_text, stop_tokens_for
 
     parser = argparse.ArgumentParser(prog="posttrain-jax sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a run directory / checkpoint step, or an HF model dir")

@@ -59,7 +59,7 @@ from posttrain_jax.trainers.common import base_config, build_model, data_shards,
 from posttrain_jax.trainers.distill_objective import (cache_teacher_topk, is_on_policy, load_cached,
                                                       make_distill_objective, make_teacher_topk, on_policy_batch)
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
-from posttrain_jax.trainers.rollout import stop_tokens_for
+from posttrain_jax.sampling.text import stop_tokens_for
 from posttrain_jax.trainers.sft_objective import make_sft_denominator
 
 log = logging.getLogger(__name__)

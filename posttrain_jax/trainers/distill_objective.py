@@ -16,7 +16,7 @@ from posttrain_jax.losses.distill import teacher_topk, token_divergence_from_hid
 from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import AGGREGATIONS, sft_token_weights
 from posttrain_jax.sharding import batch_sharding
-from posttrain_jax.trainers.rollout import training_batch
+from posttrain_jax.rl.rollout import training_batch
 
 log = logging.getLogger(__name__)
 

@@ -59,14 +59,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from posttrain_jax.data import synthetic
+from posttrain_jax.data.prompts import load_prompts
+from posttrain_jax.eval.progress import batch_share, global_sum, read_progress, shard_path, write_progress
 from posttrain_jax.mesh import local_mesh
+from posttrain_jax.rl.rollout import sample_and_score
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
+from posttrain_jax.sampling.text import stop_tokens_for
 from posttrain_jax.sharding import logical_to_spec
 from posttrain_jax.tokenizer import load_tokenizer, validate_messages
 from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
-from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +171,6 @@ def _sft_ready(prompts) -> None:
             raise ValueError(f"{p.source}: the prompt plus a reply is not a valid SFT conversation: {e}") from None
 
 
-def _global_sum(values: np.ndarray) -> np.ndarray:
-    """Sum float64 vectors over processes, exactly: sent as bytes, since without jax_enable_x64 an
-    allgather would round them to float32 (token counts pass 2**24 in a real run)."""
-    values = np.ascontiguousarray(values, np.float64)
-    if jax.process_count() == 1:
-        return values
-    raw = np.asarray(multihost_utils.process_allgather(values.view(np.uint8)))
-    return np.ascontiguousarray(raw.reshape(jax.process_count(), -1)).view(np.float64).sum(axis=0)
-
-
 def _start(resume: bool, progress_file: str, shard: str, fingerprint: dict, tally: Tally) -> list[dict]:
     """Where to begin: [] (batch 0, an empty shard) or, resuming, [the progress entry of the last batch every
     process finished] (the shard truncated to it, the counts restored)."""
@@ -202,31 +195,8 @@ def _start(resume: bool, progress_file: str, shard: str, fingerprint: dict, tall
 
 # ---- pieces of the loop, pure where possible ---------------------------------------------------------------------
 
-def shard_path(output: str, process_index: int, process_count: int) -> str:
-    """This process's output file: `output` itself with one process, else `out-00001-of-00004.jsonl`."""
-    if process_count == 1:
-        return output
-    return f"{output.removesuffix('.jsonl')}-{process_index:05d}-of-{process_count:05d}.jsonl"
-
-
 def summary_path(output: str) -> str:
     return output.removesuffix(".jsonl") + ".summary.json"
-
-
-def batch_share(prompts: list, batch: int, prompts_per_batch: int, process_index: int,
-                process_count: int) -> tuple[list, int]:  # fmt: skip
-    """This process's contiguous share of global batch `batch` (file order) and how many of it are real.
-
-    The last batch is padded with copies of the first prompt, so every batch has one shape; padding sits at
-    the end of the batch, so the real prompts of a share are always its first ones.
-    """
-    begin = batch * prompts_per_batch
-    chunk = prompts[begin:begin + prompts_per_batch]
-    real = len(chunk)
-    chunk = chunk + [prompts[0]] * (prompts_per_batch - real)
-    share = prompts_per_batch // process_count
-    first = process_index * share
-    return chunk[first:first + share], int(np.clip(real - first, 0, share))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,27 +314,6 @@ def fingerprint_of(config, *, num_prompts: int, process_count: int) -> dict:
     return json.loads(json.dumps(fp, default=str))
 
 
-def read_progress(path: str, fingerprint: dict) -> list[dict]:
-    """The recorded batches of a previous run with the same settings ([] if there is none)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        saved = json.load(f)
-    changed = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
-                     if fingerprint.get(k) != saved["fingerprint"].get(k))
-    if changed:
-        details = "; ".join(f"{k}: {saved['fingerprint'].get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume from {path}: settings changed ({details}); run without --resume to "
-                         f"start over")
-    return saved["entries"]
-
-
-def write_progress(path: str, fingerprint: dict, entries: list[dict]) -> None:
-    with open(path + ".tmp", "w") as f:  # replaced atomically: a crash leaves the old record or the new one
-        json.dump({"fingerprint": fingerprint, "entries": entries}, f)
-    os.replace(path + ".tmp", path)
-
-
 def _report(summary: dict) -> str:
     k = summary["num_samples"]
     lines = [f"rejection sampling: {summary['prompts']} prompts x {k} samples -> {summary['kept']} kept, "
@@ -472,9 +421,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             bar.set_postfix(tokens_per_s=f"{sampled_tokens * count / max(time.time() - t_loop, 1e-9):.0f}",
                             kept=f"{tally.values['kept'] / max(tally.values['prompts'], 1):.0%}")
     bar.close()
-    summary = tally.summary(_global_sum(tally.vector()), num_samples=r.num_samples)
+    summary = tally.summary(global_sum(tally.vector()), num_samples=r.num_samples)
     elapsed = time.time() - t_loop
-    generated = float(_global_sum(np.asarray([float(sampled_tokens)]))[0])
+    generated = float(global_sum(np.asarray([float(sampled_tokens)]))[0])
     summary.update(
         output=output, shards=[shard_path(output, i, count) for i in range(count)], summary=summary_path(output),
         prompt_file=d.path, prompt_stats=stats.__dict__, threshold=r.threshold, require_correct=require_correct,

@@ -9,7 +9,7 @@ from posttrain_jax.data import SourceSpec, make_sft_pipeline
 from posttrain_jax.data.examples import tokenize_source
 from posttrain_jax.data.preference import make_preference_eval_pipeline
 from posttrain_jax.data.sources import DataError, normalize_sharegpt, read_rows, to_conversation
-from posttrain_jax.trainers.rollout import load_prompts
+from posttrain_jax.data.prompts import load_prompts
 
 from .conftest import TEMPLATE, chat, write_jsonl
 

@@ -21,7 +21,8 @@ from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import DEFAULT_RULES
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers.common import model_config_to_dict
-from posttrain_jax.trainers.rollout import completion_text, load_prompts, pad_prompts, stop_tokens_for
+from posttrain_jax.data.prompts import load_prompts
+from posttrain_jax.sampling.text import completion_text, pad_prompts, stop_tokens_for
 
 NUM_PROMPTS, PER_BATCH, N = 10, 4, 4  # 3 batches, the last one half padding
 

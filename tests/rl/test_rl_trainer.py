@@ -17,7 +17,7 @@ from posttrain_jax.rl.rollout import RolloutQueue
 from posttrain_jax.rl.settings import ALGORITHMS, resolve, rl_config
 from posttrain_jax.trainers import rl
 from posttrain_jax.trainers.common import model_config_to_dict
-from posttrain_jax.trainers.rollout import PromptIterator
+from posttrain_jax.data.prompts import PromptIterator
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"
 

@@ -8,7 +8,7 @@ from posttrain_jax.data import synthetic
 from posttrain_jax.models import create_model, export_hf, preset
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.tokenizer import load_tokenizer, render_chat
-from posttrain_jax.trainers.rollout import completion_text, stop_tokens_for
+from posttrain_jax.sampling.text import completion_text, stop_tokens_for
 
 
 def test_sample_command_prints_what_the_sampler_generates(tmp_path, capsys):

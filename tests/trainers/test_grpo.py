@@ -19,7 +19,9 @@ from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import grpo
 from posttrain_jax.trainers.common import model_config_to_dict
 from posttrain_jax.rl.objectives import sequence_token_logps
-from posttrain_jax.trainers.rollout import load_prompts, sample_and_score, stop_tokens_for, training_batch
+from posttrain_jax.data.prompts import load_prompts
+from posttrain_jax.rl.rollout import sample_and_score, training_batch
+from posttrain_jax.sampling.text import stop_tokens_for
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from posttrain_jax.eval import progress
 from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, RunCheckpointer
 from posttrain_jax.config import apply_overrides, check_keys, load_config
 from posttrain_jax.data import SourceSpec, make_sft_pipeline, synthetic
@@ -18,7 +19,7 @@ from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import rejection
 from posttrain_jax.trainers.common import build_model, mesh_and_rules, model_config_to_dict
-from posttrain_jax.trainers.rollout import completion_text, pad_prompts, stop_tokens_for
+from posttrain_jax.sampling.text import completion_text, pad_prompts, stop_tokens_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K, PER_BATCH, NUM_PROMPTS = 4, 4, 10  # 3 batches, the last one half padding
@@ -181,12 +182,12 @@ def test_select_best_ties_filters_and_threshold():
 def test_process_shares_and_shard_names():
     prompts = list(range(10))
     for batch in range(3):
-        shares = [rejection.batch_share(prompts, batch, 4, p, 2) for p in range(2)]
+        shares = [progress.batch_share(prompts, batch, 4, p, 2) for p in range(2)]
         assert [x for share, _ in shares for x in share] == (prompts[batch * 4:batch * 4 + 4] + [0, 0])[:4]
         assert sum(real for _, real in shares) == min(4, 10 - batch * 4)
-    assert rejection.batch_share(prompts, 2, 4, 1, 2) == ([0, 0], 0)
-    assert rejection.shard_path("d/out.jsonl", 0, 1) == "d/out.jsonl"
-    assert rejection.shard_path("d/out.jsonl", 1, 2) == "d/out-00001-of-00002.jsonl"
+    assert progress.batch_share(prompts, 2, 4, 1, 2) == ([0, 0], 0)
+    assert progress.shard_path("d/out.jsonl", 0, 1) == "d/out.jsonl"
+    assert progress.shard_path("d/out.jsonl", 1, 2) == "d/out-00001-of-00002.jsonl"
     assert rejection.summary_path("d/out.jsonl") == "d/out.summary.json"
 
 

@@ -1,4 +1,4 @@
-"""Prompts in, scored completions out: the host side of GRPO and rejection sampling.
+"""Prompt data for sampling, RL, rejection sampling and evaluation.
 
 - `load_prompts`: rows of any data source (`posttrain_jax.data.sources`:
   JSONL, JSON arrays, Parquet, datasets) with a `prompt` (a string, or a list
@@ -11,26 +11,18 @@
 - `PromptIterator`: a seeded shuffle per epoch, a fixed number of prompts per
   step, each process taking its own contiguous share, with a small state for
   checkpoints.
-- `sample_and_score`: sample n completions per prompt with the jitted sampler,
-  decode, score with `Rewards`, and return everything host-local.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from posttrain_jax.data.sources import normalize_sharegpt, read_rows
-from posttrain_jax.rewards import RewardOutput, Rewards
-from posttrain_jax.sampling import Sampler, SamplingParams
-from posttrain_jax.tokenizer import Tokenizer, end_of_turn_token, render_chat
-
-log = logging.getLogger(__name__)
+from posttrain_jax.tokenizer import Tokenizer, render_chat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,93 +139,3 @@ class PromptIterator:
         local = chosen[self.process_index * share:(self.process_index + 1) * share]
         self.step += 1
         return [self.prompts[i] for i in local]
-
-
-def stop_tokens_for(tokenizer: Tokenizer, template: str, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """The chat template's end-of-turn token (if the tokenizer has it), the EOS, and configured ids."""
-    ids, end_of_turn = [], end_of_turn_token(template, tokenizer)
-    for token in (end_of_turn, tokenizer.eos_token):
-        if token is not None:
-            try:
-                ids.append(tokenizer.token_to_id(token))
-            except KeyError:
-                pass
-    ids += [int(t) for t in extra]
-    if not ids:
-        raise ValueError(f"no stop token: the tokenizer has neither {end_of_turn!r} nor an EOS; "
-                         f"configure sampling.stop_tokens")
-    return tuple(dict.fromkeys(ids))
-
-
-@dataclasses.dataclass
-class Rollout:
-    """Host-local completions of this process's prompts (n rows per prompt, contiguous)."""
-
-    prompt_ids: np.ndarray  # [rows, max_prompt_length] left-padded
-    prompt_mask: np.ndarray  # [rows, max_prompt_length]
-    tokens: np.ndarray  # [rows, max_new_tokens]
-    logprobs: np.ndarray  # [rows, max_new_tokens] sampler log-probs
-    lengths: np.ndarray  # [rows]
-    stopped: np.ndarray  # [rows] bool
-    texts: list[str]
-    rewards: RewardOutput
-    prompts: list[PromptRow]  # one per row
-
-
-def pad_prompts(prompts: Sequence[PromptRow], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(prompts), width), pad, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p.ids):], mask[i, width - len(p.ids):] = p.ids, 1
-    return tokens, mask
-
-
-def _local_rows(x: jax.Array, mesh, sampler: Sampler) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    spec = sampler._sharding(("batch",) + (None,) * (x.ndim - 1)).spec
-    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
-
-
-def completion_text(tokenizer: Tokenizer, tokens: np.ndarray, length: int, stopped: bool) -> str:
-    """The completion as text, without its stop token."""
-    ids = tokens[:length - 1] if stopped else tokens[:length]
-    return tokenizer.decode([int(t) for t in ids])
-
-
-def sample_and_score(sampler: Sampler, state, prompts: Sequence[PromptRow], params: SamplingParams, rng, *,
-                     tokenizer: Tokenizer, rewards: Rewards, max_prompt_length: int) -> Rollout:
-    """Sample `params.num_samples` completions for each of this process's prompts and score them."""
-    tokens, mask = pad_prompts(prompts, max_prompt_length, params.pad_token)
-    out = sampler.generate_padded(state, tokens, mask, params, rng)
-    local = {k: _local_rows(getattr(out, k), sampler.mesh, sampler) for k in ("tokens", "logprobs", "lengths",
-                                                                              "stopped")}
-    n = params.num_samples
-    rows = [p for p in prompts for _ in range(n)]
-    texts = [completion_text(tokenizer, t, int(length), bool(s))
-             for t, length, s in zip(local["tokens"], local["lengths"], local["stopped"])]
-    scored = rewards(texts, prompts=[list(p.messages) for p in rows], rows=[p.row for p in rows])
-    return Rollout(prompt_ids=np.repeat(tokens, n, axis=0), prompt_mask=np.repeat(mask, n, axis=0),
-                   tokens=local["tokens"], logprobs=local["logprobs"], lengths=local["lengths"],
-                   stopped=local["stopped"], texts=texts, rewards=scored, prompts=rows)
-
-
-def training_batch(rollout: Rollout, pad: int) -> dict[str, np.ndarray]:
-    """Prompt + completion rows for a training forward, in the layout the sampler decoded them.
-
-    tokens/targets/positions/segment_ids/loss_mask [rows, prompt + new], targets shifted by one;
-    the loss covers exactly the generated tokens (the stop token included).
-    """
-    rows, new = rollout.tokens.shape
-    width = rollout.prompt_ids.shape[1] + new
-    completion_mask = (np.arange(new)[None, :] < rollout.lengths[:, None]).astype(np.int32)
-    seq = np.concatenate([rollout.prompt_ids, np.where(completion_mask > 0, rollout.tokens, pad)], axis=1)
-    segment_ids = np.concatenate([rollout.prompt_mask, completion_mask], axis=1).astype(np.int32)
-    # Left padding is moved out of the way exactly as in the sampler: positions count real tokens.
-    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    targets = np.concatenate([seq[:, 1:], np.full((rows, 1), pad, np.int32)], axis=1)
-    loss_mask = np.concatenate([np.zeros((rows, rollout.prompt_ids.shape[1] - 1), np.int32), completion_mask,
-                                np.zeros((rows, 1), np.int32)], axis=1)
-    assert loss_mask.shape == (rows, width)
-    return {"tokens": seq.astype(np.int32), "targets": targets.astype(np.int32), "positions": positions,
-            "segment_ids": segment_ids, "loss_mask": loss_mask}
