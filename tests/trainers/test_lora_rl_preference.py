@@ -49,8 +49,9 @@ def test_lora_dpo_reference_is_the_base(tmp_path, toy):  # noqa: F811
 
 
 def test_lora_grpo_kl_reference_is_the_base_and_adapter_run_samples(tmp_path, task, capsys):  # noqa: F811
+    """QLoRA (nf4 base) GRPO on the (2,2,2) mesh (a LoRA PPO run: tests/rl/test_rl_trainer.py)."""
     summary = grpo.main(grpo_config(tmp_path / "grpo", task, "--config.train.steps=2", "--config.grpo.beta=0.04",
-                                    "--config.optim.learning_rate=1e-2", *LORA))
+                                    "--config.optim.learning_rate=1e-2", "--config.lora.quantize_base=nf4", *LORA))
     history = summary["history"]
     # Step 1 trains the fresh adapters: policy == base == reference (to fusion rounding); then they differ.
     assert history[0]["train/kl"] < 1e-8 < history[1]["train/kl"]
@@ -81,8 +82,8 @@ def test_lora_grpo_kl_reference_is_the_base_and_adapter_run_samples(tmp_path, ta
     trained = nnx.merge(summary["graphdef"], jax.device_get(summary["params"]))
     for a, b in zip(*(jax.tree.leaves(nnx.state(m, nnx.LoRAParam)) for m in (loaded, trained))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The base (preset + seed) is re-initialised on one device here, on the 8-device mesh in training: the
-    # kernels agree to 1 ulp (init rounding), the logits to float32 rounding.
+    # The base (preset + seed, then nf4) is re-initialised on one device here, on the 8-device mesh in training:
+    # the float kernels agree to 1 ulp (init rounding), the logits to float32 rounding.
     np.testing.assert_allclose(np.asarray(loaded(tokens, positions, segments)),
                                np.asarray(trained(tokens, positions, segments)), atol=2e-6, rtol=0)
     sample_main(["--checkpoint", str(tmp_path / "grpo"), "--prompt", "What is 2 plus 3?", "--greedy",
