@@ -210,7 +210,7 @@ def _lora_text(r: dict) -> str:
     if not lora:
         return ""
     base = "" if lora["quantize_base"] == "none" else f", {lora['quantize_base']} base"
-    return f"; LoRA r={lora['rank']}{base}: {r['trainable_params'] / 1e6:.1f}M trained"
+    return f"; LoRA r={lora['rank']}{base}: {r['trainable_params']:,} params trained"
 
 
 def advice(r: dict) -> str:
