@@ -7,7 +7,8 @@ whole run is printed as a Markdown table. Rows:
 - llama3.1-8b SFT, seq 8192, 2 sequences per chip, v5p-16 (target <= 40 GiB per chip)
 - llama3.1-8b SFT, seq 4096, 2 sequences per chip, v6e-16 (target <= 28 GiB per chip)
 - gemma3-1b SFT, seq 4096, 1 sequence, one v5e chip (a Colab TPU; bfloat16 params and moments)
-- the same three with only embedding + LM head + loss (forward and backward; target < 1 GiB temporaries)
+- llama3.1-8b QLoRA SFT (r=16, nf4 base), seq 2048, 1 sequence, one v5e chip (issue 11: a Colab TPU)
+- the same three full fine-tunes with only embedding + LM head + loss (forward and backward; target < 1 GiB temporaries)
 - llama3.1-8b SFT on v5p-16 with 2 layers: compile time of 32 layers vs 2 (target <= 1.3x)
 
     .venv/bin/python benchmarks/aot_table.py                         # every row
@@ -37,6 +38,9 @@ ROWS = {
                           config={**LLAMA, "data.seq_len": 4096}),
     "gemma1b-v5e1": dict(topology="v5e-1", per_chip_batch=1, target_gib=16,
                          config={**GEMMA, "data.seq_len": 4096}),
+    "llama8b-qlora-v5e1": dict(topology="v5e-1", per_chip_batch=1, target_gib=16,
+                               config={**LLAMA, "data.seq_len": 2048, "model.remat": "full", "lora.enabled": True,
+                                       "lora.rank": 16, "lora.quantize_base": "nf4"}),
     "llama8b-v5p16-head": dict(topology="v5p-16", per_chip_batch=2, target_gib=1, loss_head_only=True,
                                config={**LLAMA, "data.seq_len": 8192}),
     "llama8b-v6e16-head": dict(topology="v6e-16", per_chip_batch=2, target_gib=1, loss_head_only=True,

@@ -7,6 +7,10 @@ parameters, no data) and prints what one chip needs: bytes of arguments
 the chip's HBM, FLOPs per step and the compile time. Exits 1 with a one-line
 message naming what to change when the step does not fit. MaxText's
 `train_compile.py` is the model for this.
+
+An enabled `lora` section compiles the LoRA / QLoRA step the trainers run: the
+adapters (and their optimizer state) as the train state, the frozen base
+(quantized with `lora.quantize_base`) as a separate, non-donated argument.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
     from posttrain_jax.mesh import make_mesh
     from posttrain_jax.sharding import batch_sharding, logical_rules
     from posttrain_jax.train import make_grad_fn, make_train_step
-    from posttrain_jax.train import abstract_train_state
+    from posttrain_jax.train import abstract_lora_train_state, abstract_train_state, jit_train_step
+    from posttrain_jax.trainers.adapters import lora_config_of
     from posttrain_jax.trainers.runner import optimizer_from_config
 
     topology = parse_topology(topology_name)
@@ -57,10 +62,19 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         plan.model = plan.model.replace(num_layers=num_layers, layer_types=layer_types)
     t = config.train
     tx, schedule = optimizer_from_config(config.optim, max(int(t.steps or 0), 1))
-    graphdef, state = abstract_train_state(plan.model, tx, mesh, rules, ema=plan.ema)
+    section = config.get("lora")
+    lora = lora_config_of(section) if section is not None and section.enabled else None
+    base = None
+    if lora is None:
+        graphdef, state = abstract_train_state(plan.model, tx, mesh, rules, ema=plan.ema)
+    elif loss_head_only:
+        raise ValueError("loss_head_only compiles a model with no layers, so LoRA has nothing to adapt; "
+                         "compile the head without the lora section")
+    else:
+        graphdef, state, base = abstract_lora_train_state(plan.model, tx, lora, mesh, rules, ema=plan.ema)
     step = make_train_step(graphdef, tx, plan.objective, plan.denominator, accum_steps=plan.accum_steps,
                            data_shards=shards, ema_decay=(t.get("ema_decay") or None) if plan.ema else None,
-                           schedule=schedule)
+                           schedule=schedule, dropout=lora is not None and lora.dropout > 0)
     batch_shardings = {k: batch_sharding(mesh, rules, v.ndim) for k, v in plan.batch.items()}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in plan.batch.items()}
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -70,9 +84,8 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         jitted = jax.jit(grads, in_shardings=(state_shardings.params, batch_shardings),
                          out_shardings=(state_shardings.params, None))
         arguments = (state.params, batch)
-    else:
-        jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
+    else:  # as the trainers jit it (a LoRA base: its own argument, not donated)
+        jitted = jit_train_step(step, state, batch_shardings, base=base)
         arguments = (state, batch)
     started = time.perf_counter()
     compiled = error = None
@@ -98,7 +111,7 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         flops = float(cost.get("flops", 0.0))
     else:  # the compiler stopped at the HBM check: its own figure for temporaries, ours for the arguments
         outputs = _bytes_per_chip(arguments[0])  # the new state (aliased to the donated one), or the gradients
-        sizes = dict(argument=_bytes_per_chip(arguments), output=outputs, alias=0 if loss_head_only else outputs,
+        sizes = dict(argument=_bytes_per_chip((arguments, base)), output=outputs, alias=0 if loss_head_only else outputs,
                      temp=error[0], code=0)
         flops = 0.0
     total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
@@ -110,7 +123,9 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
         "num_layers": plan.model.num_layers, "dtype": plan.model.dtype, "param_dtype": plan.model.param_dtype,
         "remat": plan.model.remat, "rows": plan.rows, "seq_len": plan.seq_len, "accum_steps": plan.accum_steps,
         "per_chip_batch": plan.rows // (shards * plan.accum_steps),
-        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "params": int(sum(x.size for x in jax.tree.leaves((state.params, _weights(base))))),
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "lora": None if lora is None else {"rank": lora.rank, "quantize_base": lora.quantize_base},
         "argument_bytes": int(sizes["argument"]), "output_bytes": int(sizes["output"]),
         "alias_bytes": int(sizes["alias"]), "temp_bytes": int(sizes["temp"]), "code_bytes": int(sizes["code"]),
         "total_bytes": int(total), "hbm_bytes": topology.chip.hbm_bytes,
@@ -140,6 +155,16 @@ def _out_of_memory(error: Exception) -> tuple[int, str] | None:
     return int(float(match.group(1)) * scale), message.strip().splitlines()[0]
 
 
+def _weights(base):
+    """A LoRA base without its quantization scales (their elements are not parameters of the model)."""
+    if base is None:
+        return None
+    from flax import nnx
+
+    from posttrain_jax.models.lora import QuantScale
+    return nnx.filter_state(base, nnx.Not(QuantScale))
+
+
 def _bytes_per_chip(tree) -> int:
     """Bytes one chip holds of a pytree of ShapeDtypeStructs with shardings (the first device's shards)."""
     import jax
@@ -161,7 +186,7 @@ def format_report(r: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [
         f"{r['trainer']} step of {r['model']} ({r['params'] / 1e9:.2f}B params, {r['num_layers']} layers, "
-        f"{r['dtype']} compute, remat={r['remat']}) on {r['topology']} ({r['chips']} chips, {r['libtpu_topology']}; "
+        f"{r['dtype']} compute, remat={r['remat']}{_lora_text(r)}) on {r['topology']} ({r['chips']} chips, {r['libtpu_topology']}; "
         f"mesh {mesh})",
         f"batch: {r['rows']} rows x {r['seq_len']} tokens per step = {r['per_chip_batch']} per chip"
         + (f" x {r['accum_steps']} accumulation steps" if r["accum_steps"] > 1 else ""),
@@ -178,6 +203,14 @@ def format_report(r: dict) -> str:
     if r.get("compiler_error"):
         lines[4] = f"the compiler stopped at its HBM check: {r['compiler_error']}"
     return "\n".join(lines)
+
+
+def _lora_text(r: dict) -> str:
+    lora = r.get("lora")
+    if not lora:
+        return ""
+    base = "" if lora["quantize_base"] == "none" else f", {lora['quantize_base']} base"
+    return f"; LoRA r={lora['rank']}{base}: {r['trainable_params']:,} params trained"
 
 
 def advice(r: dict) -> str:

@@ -14,6 +14,13 @@ Every step reports the gap between those and the sampler's log-probs (`rollout_l
 Checkpoints hold the policy's train state (the layout `posttrain-jax grpo` always wrote, so
 `export`, `sample` and `model.checkpoint` read it) plus, for PPO, the critic's under "critic";
 the prompt position saved excludes rollouts produced ahead, which a resumed run samples again.
+
+LoRA / QLoRA (an enabled `lora` section; `trainers.runner.trainable_split`): the train state,
+its optimizer moments and the checkpoints hold only the adapters; the frozen (possibly quantized)
+base is an argument of the jitted train step, the sampler and the scoring pass get base +
+adapters joined as one state over the same arrays (nothing merged or copied per step), and the
+KL reference is the base graph without adapters over those same base arrays. A PPO critic is
+LoRA too (`rl.critic`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from posttrain_jax.checkpointing import RunCheckpointer
 from posttrain_jax.mesh import local_mesh
 from posttrain_jax.metrics import MetricsWriter, progress_bar
+from posttrain_jax.models.lora import base_graphdef, dropout_rate
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.rl.critic import build_critic
 from posttrain_jax.rl.curriculum import CurriculumIterator
@@ -109,7 +117,8 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     total_steps = t.steps or prompt_iter.num_batches
     # A reward model is sharded over this process's devices: each process scores its own completions.
     rewards = build_rewards([dict(r) for r in config.rewards], mesh=local_mesh())
-    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, mesh, rules, seed=config.seed, vocab_size=tokenizer.vocab_size,
+                        lora=config.get("lora"))
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     sampling = SamplingParams(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
                               top_p=sc.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template,
@@ -117,24 +126,32 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                               pad_token=pad, num_samples=s.group_size)
     updates = total_steps * s.updates_per_rollout
     tx, schedule = runner.optimizer_from_config(config.optim, updates)
-    graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh)
-    # The reference is the initial policy, frozen (rebuilt identically on resume).
-    reference = jax.tree.map(jnp.copy, state.params) if s.needs_reference else None
+    # LoRA: `base` is the frozen rest of the model and `full(params)` joins it back (no copy).
+    trainable, base, full = runner.trainable_split(model)
+    graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh, trainable=trainable)
+    # The reference is the initial policy, frozen (rebuilt identically on resume): for LoRA the base
+    # with adapters off over the policy's own base arrays, else a copy (the step donates the params).
+    reference_graphdef = base_graphdef(model) if base is not None else None
+    reference = None
+    if s.needs_reference:
+        reference = base if base is not None else jax.tree.map(jnp.copy, state.params)
     metadata = run_metadata(config, model)
     shards = data_shards(mesh)
     rows_sharding = {k: batch_sharding(mesh, rules, 1 if k in PER_ROW else 2) for k in policy_keys(s) + CRITIC_KEYS}
     objective = make_policy_objective(s, temperature=sc.temperature)
     step = make_train_step(graphdef, tx, objective,
                            make_policy_denominator(s, max_completion_length=sc.max_new_tokens),
-                           accum_steps=t.accum_steps, data_shards=shards, schedule=schedule)
-    step_fn = jit_train_step(step, state, {k: rows_sharding[k] for k in policy_keys(s)})
+                           accum_steps=t.accum_steps, data_shards=shards, schedule=schedule,
+                           dropout=dropout_rate(model) > 0)
+    step_fn = jit_train_step(step, state, {k: rows_sharding[k] for k in policy_keys(s)}, base=base)
     critic_graphdef = critic_state = critic_fn = None
+    critic_full = lambda params: params  # noqa: E731
     if s.uses_critic:
-        critic_graphdef, critic_state, critic_fn = build_critic(
+        critic_graphdef, critic_state, critic_fn, critic_full = build_critic(
             config, mesh, rules, total_updates=updates, data_shards=shards,
             batch_shardings={k: rows_sharding[k] for k in CRITIC_KEYS})
     score_fn = jax.jit(make_score_rollout(s, graphdef, critic_graphdef, temperature=sc.temperature,
-                                          data_shards=shards))
+                                          data_shards=shards, reference_graphdef=reference_graphdef))
     update_keys = sorted(set(policy_keys(s) + (CRITIC_KEYS if s.uses_critic else [])))
 
     def split(batch):  # minibatches as separate global arrays: eager indexing of a multi-process array fails
@@ -157,7 +174,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     source = prompt_iter
     if s.curriculum == "reward_variance":
         source = CurriculumIterator(prompt_iter, s.curriculum_pool_steps, score=lambda rows: _reward_variance(
-            sampler, state.params, rows, sampling, jax.random.fold_in(base_key, 1_000_000 + prompt_iter.step),
+            sampler, full(state.params), rows, sampling, jax.random.fold_in(base_key, 1_000_000 + prompt_iter.step),
             tokenizer=tokenizer, rewards=rewards, max_prompt_length=d.max_prompt_length))
     queue = RolloutQueue(produce, max_staleness=s.max_staleness, last_step=total_steps)
     data_state = _DataState(source, lambda: queue.pending)
@@ -173,7 +190,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                "metrics": writer.path, "total_steps": total_steps, "prompts": prompt_stats.__dict__,
                "algorithm": s.algorithm}
     if evaluate is not None:
-        summary["eval_before"] = evaluate(state.params)
+        summary["eval_before"] = evaluate(full(state.params))
         writer.log(start, summary["eval_before"], prefix="eval")
     bar = progress_bar(total_steps, initial=start)
     step_num, last_saved, history = start, start, []
@@ -185,7 +202,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     with jax.set_mesh(mesh), logical_rules(rules):
         while step_num < total_steps:
             try:
-                rollout, t_sample = queue.next(step_num + 1, state.params)
+                rollout, t_sample = queue.next(step_num + 1, full(state.params))
             except StopIteration:
                 log.warning("prompts ran out after %d of %d steps", step_num, total_steps)
                 break
@@ -193,7 +210,8 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
             t1 = time.time()
             host = rollout_batch(rollout, pad, missing_eos_penalty=s.missing_eos_penalty)
             batch = shard_batch(host, mesh, rules)
-            scored, stats = score_fn(state.params, reference, critic_state.params if critic_state else None, batch)
+            scored, stats = score_fn(full(state.params), reference,
+                                     critic_full(critic_state.params) if critic_state else None, batch)
             minibatches = split_fn(scored)
             policy_metrics, critic_metrics = [], []
             for _ in range(s.num_epochs):
@@ -212,7 +230,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
             bar.set_postfix(reward=f"{row['train/reward_mean']:.3f}", acc=f"{row.get('train/accuracy', 0):.2f}",
                             gen_tok_s=f"{row['train/rollout_tokens_per_s']:.0f}")
             if evaluate is not None and t.eval_every and step_num % t.eval_every == 0 and step_num < total_steps:
-                writer.log(step_num, evaluate(state.params), prefix="eval")
+                writer.log(step_num, evaluate(full(state.params)), prefix="eval")
             if t.checkpoint_every and step_num % t.checkpoint_every == 0:
                 save(step_num)
                 last_saved = step_num
@@ -222,16 +240,17 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     checkpointer.wait()
     checkpointer.close()
     if evaluate is not None:
-        summary["eval_after"] = evaluate(state.params)
+        summary["eval_after"] = evaluate(full(state.params))
         writer.log(step_num, summary["eval_after"], prefix="eval")
     writer.close()
     compilations = {"train_step": step_fn._cache_size(), "sampler": sampler.compilations(),
                     "score": score_fn._cache_size()}
     if critic_fn is not None:
         compilations["critic_step"] = critic_fn._cache_size()
-    summary.update(final_step=step_num, wall_time_s=time.time() - started, history=history, params=state.params,
-                   graphdef=graphdef, compilations=compilations,
-                   critic_params=critic_state.params if critic_state else None, critic_graphdef=critic_graphdef)
+    summary.update(final_step=step_num, wall_time_s=time.time() - started, history=history,
+                   params=full(state.params), graphdef=graphdef, compilations=compilations,
+                   critic_params=critic_full(critic_state.params) if critic_state else None,
+                   critic_graphdef=critic_graphdef)
     if jax.process_index() == 0 and evaluate is not None:
         b, a = summary["eval_before"], summary["eval_after"]
         line = f"held-out accuracy ({int(a['prompts'])} prompts): greedy {b['accuracy']:.1%} -> {a['accuracy']:.1%}"

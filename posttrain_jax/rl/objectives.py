@@ -62,10 +62,13 @@ def _chunked(fn, batch, chunks: int, data_shards: int):
 
 
 def make_score_rollout(s: RLSettings, policy_graphdef: nnx.GraphDef, critic_graphdef: nnx.GraphDef | None, *,
-                       temperature: float, data_shards: int):
+                       temperature: float, data_shards: int, reference_graphdef: nnx.GraphDef | None = None):
     """`score(policy_params, ref_params, critic_params, batch) -> (batch + derived keys, stats)`.
 
+    Params are whole model states (`nnx.merge(graphdef, params)` is the model).
     ref_params / critic_params may be None when the settings need no reference / critic.
+    reference_graphdef: the reference's graph when it is not the policy's (LoRA: the base graph
+    without adapters, merged with the policy's own frozen base arrays as ref_params).
     Added keys: `advantages`, `sample_mask` (zero-std groups dropped with filter_zero_std),
     and when needed `old_logps`, `ref_logps`, `values`, `returns`. `stats` are [] float32 means
     over the completion tokens of the whole batch (explained variance of the pre-update values...).
@@ -85,8 +88,8 @@ def make_score_rollout(s: RLSettings, policy_graphdef: nnx.GraphDef, critic_grap
             batch["old_logps"] = _chunked(logps_of(policy_graphdef, policy_params), rows_only, s.forward_chunks,
                                           data_shards)
         if s.needs_reference:
-            batch["ref_logps"] = _chunked(logps_of(policy_graphdef, ref_params), rows_only, s.forward_chunks,
-                                          data_shards)
+            batch["ref_logps"] = _chunked(logps_of(reference_graphdef or policy_graphdef, ref_params), rows_only,
+                                          s.forward_chunks, data_shards)
         if s.uses_critic:
             batch["values"] = _chunked(lambda b: token_values(nnx.merge(critic_graphdef, critic_params), b),
                                        rows_only, s.forward_chunks, data_shards) * mask

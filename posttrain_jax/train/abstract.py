@@ -5,6 +5,10 @@ Params, the logical-axis rules give each one its NamedSharding, and
 `jax.eval_shape(tx.init, ...)` gives the optimizer state. Nothing is
 allocated, so this works for models far larger than the host (an AOT compile
 of a 70B step on a laptop) and for restore targets.
+
+A LoRA / QLoRA model is built the same way (`apply_lora` traced abstractly: the
+base quantized, the adapters added) and split into the trained adapters (the
+train state) and the frozen, possibly quantized, base (the step's argument).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posttrain_jax.models.config import ModelConfig
+from posttrain_jax.models.lora import LoraConfig, apply_lora, trainable_filter
 from posttrain_jax.models.transformer import Decoder
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 from posttrain_jax.train.step import TrainState
@@ -26,6 +31,21 @@ def abstract_params(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULE
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = state_shardings(params, mesh, rules)
     return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+
+
+def abstract_lora_split(config: ModelConfig, lora: LoraConfig, mesh: Mesh,
+                        rules: Rules = DEFAULT_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trained state, frozen base) of `config` with `lora` applied (QLoRA: the base quantized), as
+    ShapeDtypeStructs with shardings: what `build_model(..., lora=...)` then `trainers.runner.trainable_split`
+    give for a real model. Trained: the adapters (plus a scalar head); frozen: everything else."""
+    def build():
+        return apply_lora(Decoder(config, rngs=nnx.Rngs(0)), lora)
+    graphdef, trained, base = nnx.split(nnx.eval_shape(build), trainable_filter(config.head), ...)
+
+    def place(state):
+        shardings = state_shardings(state, mesh, rules)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return graphdef, place(trained), place(base)
 
 
 def abstract_train_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -40,6 +60,19 @@ def abstract_train_state(config: ModelConfig, tx: optax.GradientTransformation, 
     over its mesh axes.
     """
     graphdef, params = abstract_params(config, mesh, rules)
+    return graphdef, _train_state(params, tx, mesh, ema)
+
+
+def abstract_lora_train_state(config: ModelConfig, tx: optax.GradientTransformation, lora: LoraConfig, mesh: Mesh,
+                              rules: Rules = DEFAULT_RULES, *,
+                              ema: bool = False) -> tuple[nnx.GraphDef, TrainState, nnx.State]:
+    """(graphdef, train state of the adapters, frozen base) as ShapeDtypeStructs: what `trainers.runner`
+    builds for a LoRA / QLoRA run (`init_train_state(..., trainable=...)` and `frozen_state`)."""
+    graphdef, trained, base = abstract_lora_split(config, lora, mesh, rules)
+    return graphdef, _train_state(trained, tx, mesh, ema), base
+
+
+def _train_state(params, tx: optax.GradientTransformation, mesh: Mesh, ema: bool) -> TrainState:
     replicated = NamedSharding(mesh, P())
     opt_state = jax.eval_shape(tx.init, params)
     # Moments are built by zeros_like from each parameter: match them by path suffix to their parameter.
@@ -58,4 +91,4 @@ def abstract_train_state(config: ModelConfig, tx: optax.GradientTransformation, 
                        opt_state=opt_state,
                        rng=jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated),
                        ema_params=params if ema else None)
-    return graphdef, state
+    return state

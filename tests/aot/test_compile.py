@@ -78,6 +78,19 @@ def test_every_trainer_compiles_for_a_slice(trainer):
     assert not whole, whole
 
 
+def test_qlora_sft_compiles_with_the_adapters_as_the_state():
+    """The LoRA step as the trainers run it: adapters (+ moments) in the donated state, the nf4 base apart."""
+    config = _config("sft", lora__enabled=True, lora__rank=4, lora__quantize_base="nf4", model__attention="xla")
+    report = _compile(config, "sft", "v5e-4", per_chip_batch=2)
+    assert report["lora"] == {"rank": 4, "quantize_base": "nf4"} and report["fits"]
+    full = _compile(_config("sft", model__attention="xla"), "sft", "v5e-4", per_chip_batch=2)
+    # Params: the base's (quantization scales not counted) + the adapters'.
+    assert report["params"] == full["params"] + report["trainable_params"]
+    assert report["trainable_params"] < 0.1 * full["params"]
+    # No AdamW moments of the base and 4-bit projections: well under the full step's arguments.
+    assert report["argument_bytes"] < 0.5 * full["argument_bytes"]
+
+
 def test_cli_reports_and_fails_with_advice(tmp_path):
     """Full (xla) attention scores of 64 x 4096-token rows cannot fit one v5e chip: exit 1 and one line of advice."""
     env = {**os.environ, "PYTHONPATH": ROOT}

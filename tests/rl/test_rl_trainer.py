@@ -78,21 +78,43 @@ def test_pulse_on_eight_devices(tmp_path, task, algorithm):
     _check_pulse(summary, algorithm, sampler_programs=2 if algorithm == "gspo" else 1)
 
 
-def test_ppo_pulse_resume_is_exact_and_checkpoints_hold_the_critic(tmp_path, task):
-    extra = ["--config.rl.num_epochs=2", "--config.rl.num_minibatches=2"]
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ppo_pulse_resume_is_exact_and_checkpoints_hold_the_critic(tmp_path, task, lora):
+    """A 2-step PPO run, and a run resumed from its step-1 checkpoint (prompt position included) in a fresh
+    directory, repeat step 2 exactly. LoRA: policy and critic train adapters (and the critic's scalar head)."""
+    import shutil
+
+    extra = ["--config.rl.num_epochs=2", "--config.rl.num_minibatches=2", "--config.train.checkpoint_every=1"]
+    if lora:
+        extra += ["--config.lora.enabled=True", "--config.lora.rank=4", "--config.lora.alpha=8.0",
+                  "--config.optim.learning_rate=1e-2"]
     straight = rl.main(_config(tmp_path / "a", task, "ppo", "--config.train.steps=2", *extra))
     _check_pulse(straight, "ppo")
-    rl.main(_config(tmp_path / "b", task, "ppo", "--config.train.steps=1", *extra))
+    history = straight["history"]
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "1", tmp_path / "b" / "checkpoints" / "1")
     resumed = rl.main(_config(tmp_path / "b", task, "ppo", "--config.train.steps=2", *extra), resume=True)
-    assert [r["train/loss"] for r in resumed["history"]] == [straight["history"][1]["train/loss"]]
-    assert resumed["history"][0]["train/value_loss"] == straight["history"][1]["train/value_loss"]
+    assert [r["train/loss"] for r in resumed["history"]] == [history[1]["train/loss"]]
+    assert resumed["history"][0]["train/value_loss"] == history[1]["train/value_loss"]
     for key in ("params", "critic_params"):
         for a, b in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The policy's params sit where `posttrain-jax grpo` always put them: export/sample/model.checkpoint read them.
-    from posttrain_jax.checkpointing import load_params
-    params = load_params(tmp_path / "b" / "checkpoints")
-    assert "critic" not in params and "embed" in params
+    from posttrain_jax.checkpointing import load_params, resolve_step_dir
+    from posttrain_jax.checkpointing.trees import STATE, stored_leaves
+    if not lora:
+        # The policy's params sit where `posttrain-jax grpo` always put them: export/sample/model.checkpoint read them.
+        params = load_params(tmp_path / "b" / "checkpoints")
+        assert "critic" not in params and "embed" in params
+        return
+    # Fresh adapters: the policy is the base (the KL reference) at the first scoring pass, not after an update.
+    assert abs(history[0]["train/reward_kl"]) < 1e-7 < abs(history[1]["train/reward_kl"])
+    # Every array of the saved run state (params and optimizer moments of policy and critic) is an adapter,
+    # or the critic's scalar head; the scalars are step counts and RNG keys.
+    leaves = stored_leaves(resolve_step_dir(tmp_path / "b" / "checkpoints") / STATE).values()
+    arrays = [leaf.path for leaf in leaves if leaf.shape and leaf.path[-1] != "rng"]
+    assert any(p[0] == "opt_state" for p in arrays) and any(p[:2] == ("critic", "opt_state") for p in arrays)
+    assert any(p[0] == "critic" and "score" in p for p in arrays)
+    for path in arrays:
+        assert any("_lora_" in k for k in path) or (path[0] == "critic" and "score" in path), path
 
 
 def test_staleness_one_trains_on_the_previous_params_with_tis(tmp_path, task):
