@@ -42,6 +42,20 @@ def install(extra: str) -> None:
         f.write(digest)
 
 
+def parallel(args: list[str]) -> list[str]:
+    """pytest-xdist workers, one per core up to 4 and ~6 GiB of RAM each (a worker holds 8 fake devices and
+    peaks near 5 GiB); whole files per worker, so module fixtures are built once. `-n N` or `-p no:xdist`
+    in args wins; POSTTRAIN_JAX_TEST_WORKERS overrides the count."""
+    if any(a.startswith(("-n", "--numprocesses")) or a == "no:xdist" for a in args):
+        return []
+    try:
+        ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram_gib = 8.0
+    workers = int(os.environ.get("POSTTRAIN_JAX_TEST_WORKERS") or min(os.cpu_count() or 1, 4, int(ram_gib // 6)))
+    return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+
+
 def main() -> None:
     command, args = (sys.argv[1] if len(sys.argv) > 1 else "quickstart"), sys.argv[2:]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -51,7 +65,7 @@ def main() -> None:
             run(os.path.join(BIN, "posttrain-jax"), "sft", *args, env=env)
         elif command == "test":
             install("test")
-            run(PY, "-m", "pytest", *(args or ["-q"]), env=env)
+            run(PY, "-m", "pytest", *(args or ["-q"]), *parallel(args), env=env)
         else:
             sys.exit(f"usage: python3 dev.py [quickstart|test] [args...]; got {command!r}")
     except subprocess.CalledProcessError as e:

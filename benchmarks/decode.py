@@ -285,8 +285,8 @@ class Worker:
     def __init__(self, variant: str, argv: list[str], args, data_dir: str):
         env = dict(os.environ)
         if not variant.startswith("torch"):
-            devices = host_device_flags(2) if variant.endswith("-tp2") else ""
-            env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags, devices) if f).strip()
+            flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags) if f)
+            env["XLA_FLAGS"] = (host_device_flags(2, flags) if variant.endswith("-tp2") else flags).strip()
             env.setdefault("JAX_PLATFORMS", "cpu")
         self.variant = variant
         self.cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", variant, "--data-dir", data_dir]

@@ -253,10 +253,10 @@ def run_worker(kind: str, argv: list[str], args) -> dict:
     """Run one worker in a fresh interpreter and return its record."""
     env = dict(os.environ)
     if kind in ("jax", "peak"):
-        flags = [env.get("XLA_FLAGS", ""), args.xla_flags]
-        if kind == "jax" and args.devices > 1:
-            flags.append(host_device_flags(args.devices))
-        env["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
+        flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), args.xla_flags) if f)
+        if kind == "jax" and args.devices > 1:  # the user's flags first: an explicit scheduler setting wins
+            flags = host_device_flags(args.devices, flags)
+        env["XLA_FLAGS"] = flags.strip()
         env.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from posttrain_jax.ablation_report import cell_key, write_report
+from posttrain_jax.cpu_devices import host_device_flags
 from posttrain_jax.data import synthetic
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import create_model
@@ -277,7 +278,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = True) -> list[dict
     if jax.device_count() < max(config.device_counts, default=1):
         raise ValueError(f"device_counts {list(config.device_counts)} needs {max(config.device_counts)} devices but "
                          f"this process has {jax.device_count()}; on a CPU host set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count=8 before JAX starts (posttrain-jax ablate does)")
+                         f"'{host_device_flags(8)}' before JAX starts (posttrain-jax ablate does)")
     done = {r["cell"] for r in rows if r["kind"] == "train"}
     grid = list(itertools.product(config.seeds, config.learning_rates, config.aggregations, config.accum_steps,
                                   config.device_counts))

@@ -138,9 +138,10 @@ class Evaluator:
         self.prompts, self.sampler, self.tokenizer, self.rewards = list(prompts), sampler, tokenizer, rewards
         self.settings = s = settings
         count, shards = jax.process_count(), sampler.data_shards
-        if s.prompts_per_batch % count or (s.prompts_per_batch // count) % shards:
-            raise ValueError(f"eval.prompts_per_batch={s.prompts_per_batch} must split into {count} processes x a "
-                             f"multiple of the {shards} data shards of the sampler's mesh")
+        # Each process hands its share to the sampler, which splits it over that process's own data shards.
+        if s.prompts_per_batch % count or s.prompts_per_batch % shards:
+            raise ValueError(f"eval.prompts_per_batch={s.prompts_per_batch} must be a multiple of the {count} "
+                             f"processes and of the {shards} data shards of the sampler's mesh")
         longest = max(len(p.ids) for p in self.prompts)
         if longest > s.max_prompt_length:
             raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_length={s.max_prompt_length}")
@@ -190,7 +191,7 @@ class Evaluator:
         return records
 
     def __call__(self, params, *, records: str | None = None, resume: bool = False, fingerprint: dict | None = None,
-                 desc: str = "eval") -> dict[str, float]:
+                 desc: str = "eval", leave: bool = True) -> dict[str, float]:
         """Metrics of `params` (means over all prompts); see the module docstring for `records` / `resume`."""
         from tqdm.auto import tqdm
         s = self.settings
@@ -206,7 +207,7 @@ class Evaluator:
             start, done, history = self._start(shard, fingerprint, resume)
             out = open(shard, "ab")
         bar = tqdm(total=len(self.prompts), initial=min(start * s.prompts_per_batch, len(self.prompts)), desc=desc,
-                   unit="prompt", dynamic_ncols=True, disable=jax.process_index() != 0)
+                   unit="prompt", dynamic_ncols=True, disable=jax.process_index() != 0, leave=leave)
         try:
             for batch in range(start, self.num_batches):
                 new = self.batch_records(params, batch)

@@ -12,7 +12,6 @@ import logging
 import ml_collections
 
 from posttrain_jax.rl.objectives import critic_denominator, make_critic_objective
-from posttrain_jax.models.lora import dropout_rate
 from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
 from posttrain_jax.trainers.common import build_model
 from posttrain_jax.trainers.runner import trainable_split
@@ -42,7 +41,7 @@ def build_critic(config, mesh, rules, *, total_updates: int, data_shards: int, b
     """
     c = config.critic
     model = build_model(critic_model_section(config.model, c), mesh, rules, seed=config.seed + 1, head="scalar",
-                        lora=config.get("lora"))
+                        lora=_fresh_adapters(config.get("lora")))
     source = c.checkpoint or c.hf_path or "the policy's weights"
     log.info("critic: %s, a scalar head on the policy's mesh", source)
     tx, schedule = make_optimizer(learning_rate=c.learning_rate, total_steps=total_updates, schedule=c.schedule,
@@ -53,5 +52,15 @@ def build_critic(config, mesh, rules, *, total_updates: int, data_shards: int, b
     graphdef, state = init_train_state(model, tx, seed=config.seed + 1, mesh=mesh, trainable=trainable)
     step = make_train_step(graphdef, tx, make_critic_objective(value_clip=c.value_clip or None, vf_coef=c.vf_coef),
                            critic_denominator, accum_steps=config.train.accum_steps, data_shards=data_shards,
-                           schedule=schedule, dropout=dropout_rate(model) > 0)
+                           schedule=schedule, dropout=False)  # as the policy (rl/loop.py)
     return graphdef, state, jit_train_step(step, state, batch_shardings, base=base), full
+
+
+def _fresh_adapters(section):
+    """The policy's `lora` section for the critic, without `lora.adapter`: a PEFT adapter given to continue
+    the policy's training is the policy's, never loaded into the value model (whose adapters start fresh)."""
+    if section is None or not section.get("adapter"):
+        return section
+    section = ml_collections.ConfigDict(section.to_dict())
+    section.adapter = ""
+    return section

@@ -65,7 +65,7 @@ def make_evaluate(config, sampler: Sampler, tokenizer, rewards, pad: int):
     names = {"greedy_reward": "reward_mean", "pass@1": "sampled_accuracy", "sampled_reward": "sampled_reward_mean"}
 
     def evaluate(params) -> dict[str, float]:
-        metrics = evaluator(params, desc="eval")
+        metrics = evaluator(params, desc="eval", leave=False)  # one bar per eval_every, not a trail
         return {names.get(k, k): float(v) for k, v in metrics.items()}
 
     return evaluate

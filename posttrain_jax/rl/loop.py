@@ -129,8 +129,9 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     # LoRA: `base` is the frozen rest of the model and `full(params)` joins it back (no copy).
     trainable, base, full = runner.trainable_split(model)
     graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh, trainable=trainable)
-    # The reference is the initial policy, frozen (rebuilt identically on resume): for LoRA the base
-    # with adapters off over the policy's own base arrays, else a copy (the step donates the params).
+    # The reference is frozen (rebuilt identically on resume): for LoRA the base with adapters off over
+    # the policy's own base arrays (with lora.adapter set, the base without that adapter, as TRL and our
+    # DPO do), else a copy of the initial policy (the step donates the params).
     reference_graphdef = base_graphdef(model) if base is not None else None
     reference = None
     if s.needs_reference:
@@ -142,7 +143,10 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     step = make_train_step(graphdef, tx, objective,
                            make_policy_denominator(s, max_completion_length=sc.max_new_tokens),
                            accum_steps=t.accum_steps, data_shards=shards, schedule=schedule,
-                           dropout=dropout_rate(model) > 0)
+                           dropout=False)  # off in RL, as TRL does: ratios, KL and the rollout gap compare like with like
+    if dropout_rate(model) > 0:
+        log.warning("lora.dropout=%s is ignored in RL: the sampler, the scoring pass and the update must run the "
+                    "same function for the ratio to be 1 on-policy", dropout_rate(model))
     step_fn = jit_train_step(step, state, {k: rows_sharding[k] for k in policy_keys(s)}, base=base)
     critic_graphdef = critic_state = critic_fn = None
     critic_full = lambda params: params  # noqa: E731

@@ -20,7 +20,10 @@ STEPS = 2
 def _args(data, out, *extra):
     return [sys.executable, "-m", "posttrain_jax.cli", "grpo", f"--config.output_dir={out}",
             "--config.data.quickstart_task=False", f"--config.tokenizer={data / 'tokenizer.model'}",
-            f"--config.data.path={data / 'prompts.jsonl'}", "--config.data.eval_path=", "--config.model.checkpoint=",
+            f"--config.data.path={data / 'prompts.jsonl'}", f"--config.data.eval_path={data / 'eval.jsonl'}",
+            # 8 eval prompts: 4 per process, split over the 8 data shards of the global mesh (a share per
+            # process that is not itself a multiple of the shards, as on a pod with several hosts)
+            "--config.data.eval_batch=8", "--config.data.eval_samples=0", "--config.model.checkpoint=",
             "--config.model.preset=quickstart", "--config.grpo.prompts_per_step=8", "--config.grpo.group_size=4",
             "--config.sampling.max_new_tokens=6", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
             "--config.optim.learning_rate=1e-3", "--config.grpo.beta=0.04",
@@ -47,8 +50,10 @@ def runs(tmp_path_factory):
     return one, two
 
 
-def _rows(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"train/loss"' in line]
+def _rows(out, key="train/loss"):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if f'"{key}"' in line]
+    if key != "train/loss":
+        return rows
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one writer, every step"
     return rows
 
@@ -62,3 +67,10 @@ def test_grpo_two_processes_match_one(runs):
             assert a[f"train/{key}"] == b[f"train/{key}"], (key, a[f"train/{key}"], b[f"train/{key}"])
         for key in ("loss", "kl", "entropy"):
             assert abs(a[f"train/{key}"] - b[f"train/{key}"]) <= 1e-5 * max(abs(a[f"train/{key}"]), 1e-3), key
+    # Held-out eval (greedy, before and after training) across processes: the same prompts and replies.
+    evals = [_rows(out, "eval/reward_mean") for out in runs]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for a, b in zip(*evals):
+        assert a["eval/prompts"] == b["eval/prompts"] == 8
+        assert abs(a["eval/reward_mean"] - b["eval/reward_mean"]) < 1e-9
+        assert abs(a["eval/greedy_length"] - b["eval/greedy_length"]) < 1e-9
