@@ -257,10 +257,15 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                    critic_graphdef=critic_graphdef)
     if jax.process_index() == 0 and evaluate is not None:
         b, a = summary["eval_before"], summary["eval_after"]
-        line = f"held-out accuracy ({int(a['prompts'])} prompts): greedy {b['accuracy']:.1%} -> {a['accuracy']:.1%}"
-        if "sampled_accuracy" in a:
-            line += (f"; sampled at temperature {sc.temperature} (pass@1 of {d.eval_samples}) "
-                     f"{b['sampled_accuracy']:.1%} -> {a['sampled_accuracy']:.1%}")
+        # accuracy needs a verifiable reward; with only reward models / formats the mean reward stands in
+        what, greedy, sampled = (("accuracy", "accuracy", "sampled_accuracy") if "accuracy" in a else
+                                 ("mean reward", "reward_mean", "sampled_reward_mean"))
+        fmt = (lambda v: f"{v:.1%}") if what == "accuracy" else (lambda v: f"{v:.3f}")  # noqa: E731
+        line = f"held-out {what} ({int(a['prompts'])} prompts): greedy {fmt(b[greedy])} -> {fmt(a[greedy])}"
+        if sampled in a:
+            of = f"pass@1 of {d.eval_samples}" if what == "accuracy" else f"{d.eval_samples} samples"
+            line += (f"; sampled at temperature {sc.temperature} ({of}) "
+                     f"{fmt(b[sampled])} -> {fmt(a[sampled])}")
         print(f"[{s.algorithm}] {line}")
     runner.print_paths(summary)
     return summary
