@@ -263,6 +263,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = True) -> list[dict
     if config.fast:
         config = apply_fast(ml_collections.ConfigDict(config.to_dict()))
     os.makedirs(config.out_dir, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir is None:
+        # Cells that differ only in seed compile the same programs: a persistent cache in out_dir compiles
+        # each (aggregation, lr, split) once, and a resumed grid reuses them too.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(config.out_dir, "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     _check_same_settings(config)
     results = os.path.join(config.out_dir, "results.jsonl")
     rows = _read_rows(results)
