@@ -130,14 +130,15 @@ def plot(rows: list[dict], path: str) -> bool:
     for ax, lr in zip(axes[1:], rates):
         mine = [c for c in cells if c["learning_rate"] == lr]
         splits = sorted({(c["devices"], c["accum_steps"], c["split"]) for c in mine})
-        width = 0.8 / max(len(aggs), 1)
-        for i, agg in enumerate(aggs):
+        trained = sorted({c["aggregation"] for c in mine})  # only what was trained gets a bar and a legend entry
+        width = 0.8 / max(len(trained), 1)
+        for i, agg in enumerate(trained):
             points = {(c["devices"], c["accum_steps"]): c["eval_exact_match"] for c in mine
                       if c["aggregation"] == agg and "eval_exact_match" in c}
             xs = [j + i * width for j, (d, a, _) in enumerate(splits) if (d, a) in points]
             vals = [points[(d, a)] for d, a, _ in splits if (d, a) in points]
             ax.bar(xs, [v[0] for v in vals], width, yerr=[v[1] for v in vals], capsize=3, label=agg,
-                   color=f"C{i}")
+                   color=f"C{aggs.index(agg)}")  # the gradient panel's colour for the same aggregation
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], [s[2] for s in splits], fontsize=7,
                       rotation=15)
         ax.set(title=f"held-out exact match, lr {lr:g} (mean ± std over seeds)", ylabel="exact match", ylim=(0, 1))
