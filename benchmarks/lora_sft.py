@@ -97,10 +97,11 @@ def worker_jax(args, method: str) -> dict:
         compile_s = time.perf_counter() - start
         holder = {"state": state}
         del state
-        extra = () if frozen is None else (None, frozen)  # (teacher, base) arguments of a LoRA step
 
         def run_step():
-            holder["state"], metrics = compiled(holder["state"], batch, *extra)
+            # Through the jit (it compiled once more in the warm-up steps), not `compiled`: an AOT executable
+            # expects default layouts, and a QLoRA base's int4 arrays carry a packed (sub-byte) one on CPU.
+            holder["state"], metrics = step_fn(holder["state"], batch)
             return float(jax.block_until_ready(metrics)["loss"])
 
         times, cpu_times, losses = sft_step.timed_steps(run_step, args.steps, args.warmup)
