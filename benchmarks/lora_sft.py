@@ -70,7 +70,7 @@ def worker_jax(args, method: str) -> dict:
     from posttrain_jax.models.lora import LoraConfig, apply_lora
     from posttrain_jax.sharding import DEFAULT_RULES, batch_sharding, logical_rules, shard_batch
     from posttrain_jax.train import frozen_state, init_train_state, jit_train_step, make_optimizer, make_train_step
-    from posttrain_jax.trainers.runner import trainable_split
+    from posttrain_jax.train import trainable_split
     from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
     mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), DEFAULT_RULES

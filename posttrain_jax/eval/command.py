@@ -33,11 +33,14 @@ from jax.experimental import multihost_utils
 from posttrain_jax.data import synthetic
 from posttrain_jax.eval.evaluator import EvalSettings, Evaluator, read_records, scores_by_index
 from posttrain_jax.eval.metrics import win_rate
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
+from posttrain_jax.models.from_config import build_model, model_config
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler
 from posttrain_jax.tokenizer import load_tokenizer
-from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules, model_config
+# `eval` is a command (a main(config) beside the trainers, not a library layer): it shares their
+# config sections and quickstart paths.
+from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
 from posttrain_jax.eval.progress import global_sum
 from posttrain_jax.data.prompts import load_prompts

@@ -23,11 +23,11 @@ from flax import nnx
 
 from posttrain_jax.checkpointing import average_checkpoints
 from posttrain_jax.eval import command as eval_command
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
+from posttrain_jax.models.from_config import build_model
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import dpo, rejection, rm, sft
-from posttrain_jax.trainers.common import build_model, mesh_and_rules
 
 log = logging.getLogger(__name__)
 MARKER = "stage_done.json"

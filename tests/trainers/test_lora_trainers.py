@@ -15,7 +15,8 @@ from posttrain_jax.checkpointing import load_params, read_metadata, resolve_step
 from posttrain_jax.config import apply_overrides
 from posttrain_jax.models.lora import QuantizedKernel, has_adapters
 from posttrain_jax.trainers import sft
-from posttrain_jax.trainers.export import export_checkpoint, load_checkpoint_model
+from posttrain_jax.trainers.export import export_checkpoint
+from posttrain_jax.models.from_config import load_checkpoint_model
 from tests.models.test_lora import first_block
 
 SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",

@@ -15,7 +15,7 @@ import torch
 from posttrain_jax.checkpointing import load_params
 from posttrain_jax.config import apply_overrides
 from posttrain_jax.trainers import sft
-from posttrain_jax.trainers.export import load_checkpoint_model
+from posttrain_jax.models.from_config import load_checkpoint_model
 from posttrain_jax.cpu_devices import host_device_flags
 
 SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",
