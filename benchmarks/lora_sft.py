@@ -148,19 +148,8 @@ def worker_torch(args, method: str) -> dict:
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    batch = sft_step.synthetic_batch(config.vocab_size, args.batch, args.seq_len)
-    tokens = torch.from_numpy(batch["tokens"]).long()
-    targets = torch.from_numpy(batch["targets"]).long()
-
-    def run_step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=tokens, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        return float(loss.detach())
-
+    run_step = sft_step.torch_sft_step(model, opt, trained,
+                                       sft_step.synthetic_batch(config.vocab_size, args.batch, args.seq_len))
     times, cpu_times, losses = sft_step.timed_steps(run_step, args.steps, args.warmup)
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
