@@ -159,13 +159,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     reference_pair_logps = make_pair_logps(reference_graphdef, pairs_per_row=train_iter.pairs_per_row,
                                            loss_chunk_size=chunk)
     shard = lambda b: shard_batch(b, mesh, rules)  # noqa: E731
-    prepare = None
     needs_reference = t.loss_type not in REFERENCE_FREE
-    # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
     reference_params = None
     if needs_reference:
+        # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
         reference_params = trainable_split(model)[1] if lora else jax.tree.map(jnp.copy, params)
-    if needs_reference:
         rows = batch_sharding(mesh, rules)
 
         @jax.jit(out_shardings=(rows, rows))  # [rows, pairs_per_row], split like every batch key
@@ -193,6 +191,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             batch = shard(host_batch)
             batch["ref_chosen"], batch["ref_rejected"] = reference(batch)
             return batch
+    else:
+        prepare = None  # reference-free losses: the runner's default (shard each batch over the mesh)
 
     objective, terms = make_dpo_objective(t, pair_logps)
     evaluate = None
