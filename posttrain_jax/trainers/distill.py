@@ -46,7 +46,7 @@ import ml_collections
 from flax import nnx
 
 from posttrain_jax.data import SourceSpec, make_sft_pipeline
-from posttrain_jax.eval.command import eval_section, make_evaluator
+from posttrain_jax.eval.from_config import eval_section, make_evaluator
 from posttrain_jax.losses.distill import divergence_beta
 from posttrain_jax.losses.sft import AGGREGATIONS
 from posttrain_jax.mesh import local_mesh, mesh_and_rules

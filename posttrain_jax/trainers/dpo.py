@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
+from posttrain_jax.eval.from_config import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
 from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.models.lora import base_graphdef, has_adapters

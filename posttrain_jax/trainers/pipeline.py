@@ -45,7 +45,7 @@ import ml_collections
 
 from posttrain_jax.data import synthetic
 from posttrain_jax.data.preference import write_arithmetic_preferences
-from posttrain_jax.eval.command import eval_section
+from posttrain_jax.eval.from_config import eval_section
 from posttrain_jax.eval import command as eval_command
 from posttrain_jax.models.from_config import model_config
 from posttrain_jax.trainers.common import base_config

@@ -18,7 +18,7 @@ from flax import nnx
 
 from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
-from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
+from posttrain_jax.eval.from_config import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
 from posttrain_jax.mesh import mesh_and_rules
