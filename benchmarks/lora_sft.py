@@ -70,7 +70,7 @@ def worker_jax(args, method: str) -> dict:
     from posttrain_jax.models.lora import LoraConfig, apply_lora
     from posttrain_jax.sharding import DEFAULT_RULES, batch_sharding, logical_rules, shard_batch
     from posttrain_jax.train import frozen_state, init_train_state, jit_train_step, make_optimizer, make_train_step
-    from posttrain_jax.trainers.runner import trainable_split
+    from posttrain_jax.train import trainable_split
     from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
     mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), DEFAULT_RULES
@@ -148,19 +148,8 @@ def worker_torch(args, method: str) -> dict:
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    batch = sft_step.synthetic_batch(config.vocab_size, args.batch, args.seq_len)
-    tokens = torch.from_numpy(batch["tokens"]).long()
-    targets = torch.from_numpy(batch["targets"]).long()
-
-    def run_step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=tokens, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        return float(loss.detach())
-
+    run_step = sft_step.torch_sft_step(model, opt, trained,
+                                       sft_step.synthetic_batch(config.vocab_size, args.batch, args.seq_len))
     times, cpu_times, losses = sft_step.timed_steps(run_step, args.steps, args.warmup)
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)

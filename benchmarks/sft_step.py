@@ -91,6 +91,27 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
             "segment_ids": ones, "loss_mask": ones}
 
 
+def torch_sft_step(model, opt, trained: list, batch: dict):
+    """The PyTorch reference step on `batch` (numpy "tokens"/"targets" [batch, seq_len]): zero the grads,
+    next-token cross-entropy (mean over tokens), backward, clip the global norm of `trained` at 1.0,
+    `opt.step()`. Returns run_step() -> the step's loss (a float, which syncs)."""
+    import torch
+
+    tokens = torch.from_numpy(batch["tokens"]).long()
+    targets = torch.from_numpy(batch["targets"]).long()
+
+    def run_step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    return run_step
+
+
 def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -216,20 +237,9 @@ def worker_torch(args) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
                                                               dtype=torch.float32)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    batch = synthetic_batch(config.vocab_size, args.batch, args.seq_len)
-    tokens = torch.from_numpy(batch["tokens"]).long()
-    targets = torch.from_numpy(batch["targets"]).long()
-
-    def run_step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=tokens, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
-
+    trained = list(model.parameters())
+    opt = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    run_step = torch_sft_step(model, opt, trained, synthetic_batch(config.vocab_size, args.batch, args.seq_len))
     times, cpu_times, losses = timed_steps(run_step, args.steps, args.warmup)
     n = args.peak_size
     a = torch.ones(n, n)

@@ -24,6 +24,10 @@ Everything is written to `out_dir`: `results.jsonl` (one row per gradient
 split and per finished cell; a rerun skips finished cells and resumes an
 interrupted one from its checkpoint), `table.md` and `ablation.png`
 (see `posttrain_jax.ablation_report`).
+
+A command (`posttrain-jax ablate`) beside the trainers, not a library layer: it runs
+`trainers.sft` and takes its objective from `trainers.sft_objective` (the SFT trainer's
+loss wiring); no library layer below the commands imports `trainers/`.
 """
 
 from __future__ import annotations
@@ -180,7 +184,7 @@ def cell_config(config, paths, *, aggregation: str, learning_rate: float, accum:
 def _gradient_rows(config, paths) -> list[dict]:
     from posttrain_jax.data import SourceSpec, make_sft_pipeline
     from posttrain_jax.tokenizer import load_tokenizer
-    from posttrain_jax.trainers.common import build_model
+    from posttrain_jax.models.from_config import build_model
     sft = config.sft
     rows_per_batch = int(np.prod(config.gradient_splits[0]))
     pipeline, _ = make_sft_pipeline([SourceSpec(paths["train"])], load_tokenizer(paths["tokenizer"]),

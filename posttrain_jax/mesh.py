@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from posttrain_jax.sharding import DEFAULT_RULES, Rules, normalize_rules
+
 AXES = ("data", "fsdp", "tensor")
 DCN_PREFIX = "dcn_"  # mesh.dcn_data = 2: the `data` axis spans 2 slices (multi-slice, over DCN)
 log = logging.getLogger(__name__)
@@ -184,6 +186,27 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
                     "hold the same rows in another order than on one host", dict(zip(AXES, grid.shape)))
     _warn_concurrent_cpu_collectives(devices)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def mesh_and_rules(config) -> tuple[Mesh, Rules]:
+    """(mesh, logical-axis rules) from a run config's `mesh` and `sharding_rules` sections.
+
+    `mesh.num_devices` > 0 builds the mesh over this process's first devices only (one process;
+    e.g. the ablation's 1- vs 2-device cells in a process that has 8); the `sharding_rules`
+    pairs take precedence over `DEFAULT_RULES`. Raises ValueError when num_devices cannot be met.
+    """
+    shape = dict(config.mesh)
+    num_devices = int(shape.pop("num_devices", 0) or 0)
+    devices = None
+    if num_devices:
+        if jax.process_count() > 1 or num_devices > jax.device_count():
+            raise ValueError(f"mesh.num_devices={num_devices}: needs one process with at least that many devices "
+                             f"(this is process {jax.process_index()} of {jax.process_count()} with "
+                             f"{jax.device_count()} devices); set it to 0 to use every device")
+        devices = jax.devices()[:num_devices]
+    mesh = make_mesh(shape, devices=devices)
+    rules = normalize_rules(tuple(tuple(r) for r in config.sharding_rules)) + DEFAULT_RULES
+    return mesh, rules
 
 
 def _warn_concurrent_cpu_collectives(devices: Sequence[jax.Device]) -> None:

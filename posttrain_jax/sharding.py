@@ -147,6 +147,11 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> N
     return NamedSharding(mesh, spec)
 
 
+def data_shards(mesh: Mesh) -> int:
+    """How many ways a global batch is split: the data-parallel (`data` x `fsdp`) positions of `mesh`."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Host-local numpy arrays -> global jax.Arrays split over the batch axes.
 

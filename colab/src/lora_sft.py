@@ -161,7 +161,7 @@ import json
 
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.tokenizer import load_tokenizer, render_chat
-from posttrain_jax.trainers.common import mesh_and_rules
+from posttrain_jax.mesh import mesh_and_rules
 from posttrain_jax.sampling.text import completion_text, stop_tokens_for
 
 tokenizer = load_tokenizer(config.tokenizer)

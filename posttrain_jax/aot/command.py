@@ -42,10 +42,9 @@ def compile_step(config, trainer: str, topology_name: str, *, per_chip_batch: in
     from posttrain_jax.aot.plans import PLANS
     from posttrain_jax.mesh import make_mesh
     from posttrain_jax.sharding import batch_sharding, logical_rules
-    from posttrain_jax.train import make_grad_fn, make_train_step
+    from posttrain_jax.models.lora_runs import lora_config_of
+    from posttrain_jax.train import make_grad_fn, make_train_step, optimizer_from_config
     from posttrain_jax.train import abstract_lora_train_state, abstract_train_state, jit_train_step
-    from posttrain_jax.trainers.adapters import lora_config_of
-    from posttrain_jax.trainers.runner import optimizer_from_config
 
     topology = parse_topology(topology_name)
     devices = compile_devices(topology)

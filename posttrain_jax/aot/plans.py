@@ -6,6 +6,10 @@ the keys, dtypes and shapes its data pipeline produces. Rows per step: the
 trainer's own setting (`train.global_batch`, `train.global_pairs`,
 `grpo.prompts_per_step x group_size / num_minibatches`), or
 `per_chip_batch x (data x fsdp) x accum_steps` when given.
+
+Like a trainer, this is command-level wiring (`posttrain-jax aot`), so it takes each
+trainer's objective from `posttrain_jax.trainers` (the loss wiring of that trainer's
+main(config)); no library layer below the commands imports `trainers/`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def model_config(cfg: ml_collections.ConfigDict, *, head: str) -> ModelConfig:
             return from_hf_config(json.load(f), **numerics)
     if cfg.checkpoint:
         from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, read_metadata, resolve_step_dir
-        from posttrain_jax.trainers.common import model_config_from_dict
+        from posttrain_jax.models.config import model_config_from_dict
         step_dir = resolve_step_dir(cfg.checkpoint)
         meta = read_metadata(step_dir) or {}
         if MODEL_CONFIG_KEY not in meta:

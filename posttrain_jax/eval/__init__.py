@@ -2,7 +2,8 @@
 
 `metrics` holds the statistics as pure functions (unbiased pass@k, majority
 vote, win rate); `evaluator.Evaluator` runs the jitted sampler over a prompt
-set (sharded, one compilation per shape, resumable records); `command` is
+set (sharded, one compilation per shape, resumable records); `from_config`
+builds evaluators from config sections (trainers and `eval`); `command` is
 `posttrain-jax eval`.
 """
 

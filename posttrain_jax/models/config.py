@@ -11,6 +11,7 @@ versions of transformers read it).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -239,3 +240,19 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]().replace(**overrides)
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    """`config` as plain JSON types (what a checkpoint's metadata records under MODEL_CONFIG_KEY)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of `model_config_to_dict` (JSON lists back to the tuples the dataclass holds)."""
+    d = dict(d)
+    d["rope"] = RopeConfig(**d["rope"])
+    d["local_rope"] = RopeConfig(**d["local_rope"]) if d.get("local_rope") else None
+    for key in ("layer_types", "eos_token_id"):
+        if isinstance(d.get(key), list):
+            d[key] = tuple(d[key])
+    return ModelConfig(**d)

@@ -297,22 +297,28 @@ def base_graphdef(model: nnx.Module) -> nnx.GraphDef:
     return nnx.graphdef(view)
 
 
-def merged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
-    """Path -> dense W + scale * A B for every adapted projection (for a merged export), in W's dtype."""
-    out = {}
+def _adapted_projections(model: nnx.Module):
+    """(module path prefix, module, projection name, A, B) for every projection that has adapters;
+    A and B are the adapter arrays as stored (stacked over scanned layer groups where scanned)."""
     for prefix, module, names in _projection_modules(model):
         for name in names:
             lora_a = getattr(module, name + "_lora_a", None)
-            if lora_a is None:
-                continue
-            w = dense_kernel(module, name)
-            a, b = lora_a[...].astype(jnp.float32), getattr(module, name + "_lora_b")[...].astype(jnp.float32)
-            lead = a.ndim - 1 - PROJECTIONS[name][0]
-            # Batched over the stacked (layer) axes: [L.., in.., r] x [L.., r, out..] -> [L.., in.., out..].
-            flat_a = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
-            flat_b = b.reshape(b.shape[:lead + 1] + (-1,))
-            delta = jnp.matmul(flat_a, flat_b).reshape(w.shape)
-            out[f"{prefix}.{name}"] = (w.astype(jnp.float32) + module.lora_scale * delta).astype(w.dtype)
+            if lora_a is not None:
+                yield prefix, module, name, lora_a[...], getattr(module, name + "_lora_b")[...]
+
+
+def merged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
+    """Path -> dense W + scale * A B for every adapted projection (for a merged export), in W's dtype."""
+    out = {}
+    for prefix, module, name, lora_a, lora_b in _adapted_projections(model):
+        w = dense_kernel(module, name)
+        a, b = lora_a.astype(jnp.float32), lora_b.astype(jnp.float32)
+        lead = a.ndim - 1 - PROJECTIONS[name][0]
+        # Batched over the stacked (layer) axes: [L.., in.., r] x [L.., r, out..] -> [L.., in.., out..].
+        flat_a = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
+        flat_b = b.reshape(b.shape[:lead + 1] + (-1,))
+        delta = jnp.matmul(flat_a, flat_b).reshape(w.shape)
+        out[f"{prefix}.{name}"] = (w.astype(jnp.float32) + module.lora_scale * delta).astype(w.dtype)
     return out
 
 
@@ -348,19 +354,14 @@ def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray]
     """`blocks.<layer>.<attn|mlp>.<name>` -> (A, B) as host float32 arrays, whatever the layout
     (stacked adapters of scanned layers are split into their layers). Collective across processes."""
     out = {}
-    for prefix, module, names in _projection_modules(model):
-        for name in names:
-            lora_a = getattr(module, name + "_lora_a", None)
-            if lora_a is None:
-                continue
-            a = _host(lora_a[...])
-            b = _host(getattr(module, name + "_lora_b")[...])
-            group = prefix.rsplit(".", 1)[-1]  # attn | mlp
-            if a.ndim - 1 - PROJECTIONS[name][0] == 0:
-                out[f"blocks.{layer_index(model, prefix)}.{group}.{name}"] = (a, b)
-            else:  # stacked over scanned layer groups: one entry per layer
-                for g in range(a.shape[0]):
-                    out[f"blocks.{layer_index(model, prefix, g)}.{group}.{name}"] = (a[g], b[g])
+    for prefix, _, name, lora_a, lora_b in _adapted_projections(model):
+        a, b = _host(lora_a), _host(lora_b)
+        group = prefix.rsplit(".", 1)[-1]  # attn | mlp
+        if a.ndim - 1 - PROJECTIONS[name][0] == 0:
+            out[f"blocks.{layer_index(model, prefix)}.{group}.{name}"] = (a, b)
+        else:  # stacked over scanned layer groups: one entry per layer
+            for g in range(a.shape[0]):
+                out[f"blocks.{layer_index(model, prefix, g)}.{group}.{name}"] = (a[g], b[g])
     return out
 
 

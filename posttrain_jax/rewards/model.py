@@ -135,7 +135,7 @@ def reward_model_from_checkpoint(*, checkpoint: str, tokenizer: str, template: s
                                  step: int | None = None, mesh=None) -> ModelReward:  # fmt: skip
     """`reward_model_reward` for a posttrain-jax RM run checkpoint (`checkpoint`, optionally its `step`
     or `ema` params) and a tokenizer file (`tokenizer`), sharded over `mesh` if given."""
-    from posttrain_jax.trainers.export import load_checkpoint_model
+    from posttrain_jax.models.from_config import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint, ema=ema, step=step, mesh=mesh)
     return ModelReward(model, load_tokenizer(tokenizer), template=template, batch_size=batch_size,

@@ -11,10 +11,9 @@ import logging
 
 import ml_collections
 
+from posttrain_jax.models.from_config import build_model
 from posttrain_jax.rl.objectives import critic_denominator, make_critic_objective
-from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step
-from posttrain_jax.trainers.common import build_model
-from posttrain_jax.trainers.runner import trainable_split
+from posttrain_jax.train import init_train_state, jit_train_step, make_optimizer, make_train_step, trainable_split
 
 log = logging.getLogger(__name__)
 

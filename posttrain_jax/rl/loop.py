@@ -15,7 +15,7 @@ Checkpoints hold the policy's train state (the layout `posttrain-jax grpo` alway
 `export`, `sample` and `model.checkpoint` read it) plus, for PPO, the critic's under "critic";
 the prompt position saved excludes rollouts produced ahead, which a resumed run samples again.
 
-LoRA / QLoRA (an enabled `lora` section; `trainers.runner.trainable_split`): the train state,
+LoRA / QLoRA (an enabled `lora` section; `train.trainable_split`): the train state,
 its optimizer moments and the checkpoints hold only the adapters; the frozen (possibly quantized)
 base is an argument of the jitted train step, the sampler and the scoring pass get base +
 adapters joined as one state over the same arrays (nothing merged or copied per step), and the
@@ -35,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax.checkpointing import RunCheckpointer
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.checkpointing.metadata import run_metadata
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
 from posttrain_jax.metrics import MetricsWriter, progress_bar
+from posttrain_jax.models.from_config import build_model
 from posttrain_jax.models.lora import base_graphdef, dropout_rate
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.rl.critic import build_critic
@@ -46,13 +48,12 @@ from posttrain_jax.rl.objectives import make_policy_denominator, make_policy_obj
 from posttrain_jax.rl.rollout import RolloutQueue, rollout_batch
 from posttrain_jax.rl.settings import RLSettings
 from posttrain_jax.sampling import Sampler, SamplingParams
-from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
+from posttrain_jax.sharding import batch_sharding, data_shards, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
-from posttrain_jax.train import TrainState, init_train_state, jit_train_step, make_train_step
-from posttrain_jax.train.loop import resume_from_latest
+from posttrain_jax.train import (TrainState, init_train_state, jit_train_step, make_train_step, optimizer_from_config,
+                                 trainable_split)
+from posttrain_jax.train.loop import print_paths, resume_from_latest
 from posttrain_jax.train.step import split_microbatches
-from posttrain_jax.trainers import runner
-from posttrain_jax.trainers.common import build_model, data_shards, mesh_and_rules, run_metadata
 from posttrain_jax.data.prompts import load_prompts, PromptIterator
 from posttrain_jax.rl.rollout import sample_and_score
 from posttrain_jax.sampling.text import stop_tokens_for
@@ -125,9 +126,9 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                                                                           sc.stop_tokens),
                               pad_token=pad, num_samples=s.group_size)
     updates = total_steps * s.updates_per_rollout
-    tx, schedule = runner.optimizer_from_config(config.optim, updates)
+    tx, schedule = optimizer_from_config(config.optim, updates)
     # LoRA: `base` is the frozen rest of the model and `full(params)` joins it back (no copy).
-    trainable, base, full = runner.trainable_split(model)
+    trainable, base, full = trainable_split(model)
     graphdef, state = init_train_state(model, tx, seed=config.seed, mesh=mesh, trainable=trainable)
     # The reference is frozen (rebuilt identically on resume): for LoRA the base with adapters off over
     # the policy's own base arrays (with lora.adapter set, the base without that adapter, as TRL and our
@@ -267,7 +268,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
             line += (f"; sampled at temperature {sc.temperature} ({of}) "
                      f"{fmt(b[sampled])} -> {fmt(a[sampled])}")
         print(f"[{s.algorithm}] {line}")
-    runner.print_paths(summary)
+    print_paths(summary)
     return summary
 
 

@@ -24,7 +24,7 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None, template: str | No
         from posttrain_jax.models import load_hf
         model = load_hf(checkpoint)
         return model, load_tokenizer(tokenizer or checkpoint), template or "auto"
-    from posttrain_jax.trainers.export import load_checkpoint_model
+    from posttrain_jax.models.from_config import load_checkpoint_model
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a run directory
         checkpoint = os.path.join(checkpoint, "checkpoints")
     step_dir = resolve_step_dir(checkpoint)

@@ -36,8 +36,8 @@ def abstract_params(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULE
 def abstract_lora_split(config: ModelConfig, lora: LoraConfig, mesh: Mesh,
                         rules: Rules = DEFAULT_RULES) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trained state, frozen base) of `config` with `lora` applied (QLoRA: the base quantized), as
-    ShapeDtypeStructs with shardings: what `build_model(..., lora=...)` then `trainers.runner.trainable_split`
-    give for a real model. Trained: the adapters (plus a scalar head); frozen: everything else."""
+    ShapeDtypeStructs with shardings: what `models.from_config.build_model(..., lora=...)` then
+    `train.trainable_split` give for a real model. Trained: the adapters (plus a scalar head); frozen: everything else."""
     def build():
         return apply_lora(Decoder(config, rngs=nnx.Rngs(0)), lora)
     graphdef, trained, base = nnx.split(nnx.eval_shape(build), trainable_filter(config.head), ...)
@@ -67,7 +67,7 @@ def abstract_lora_train_state(config: ModelConfig, tx: optax.GradientTransformat
                               rules: Rules = DEFAULT_RULES, *,
                               ema: bool = False) -> tuple[nnx.GraphDef, TrainState, nnx.State]:
     """(graphdef, train state of the adapters, frozen base) as ShapeDtypeStructs: what `trainers.runner`
-    builds for a LoRA / QLoRA run (`init_train_state(..., trainable=...)` and `frozen_state`)."""
+    (and the RL loop) builds for a LoRA / QLoRA run (`init_train_state(..., trainable=...)` and `frozen_state`)."""
     graphdef, trained, base = abstract_lora_split(config, lora, mesh, rules)
     return graphdef, _train_state(trained, tx, mesh, ema), base
 

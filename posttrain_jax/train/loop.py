@@ -100,3 +100,10 @@ def train_loop(state, step_fn: Callable, batches: Iterator[dict[str, np.ndarray]
             checkpointer.save(step, state, data_state=batches.get_state(), metadata=metadata, force=True)
         checkpointer.wait()
     return state, step
+
+
+def print_paths(summary: dict) -> None:
+    """Print (process 0) where a finished run's checkpoints and metrics are: `summary` from a trainer's run."""
+    if jax.process_index() == 0:
+        print(f"trained {summary['final_step']} steps in {summary['wall_time_s']:.0f} s")
+        print(f"checkpoints: {summary['checkpoints']}\nmetrics:     {summary['metrics']} (+ tensorboard/)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import ml_collections
 import optax
 
 
@@ -51,3 +52,17 @@ def make_optimizer(*, learning_rate: float, total_steps: int, schedule: str = "l
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
     return optax.chain(*parts), lr
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """The `optim` section (AdamW + schedule; `optimizer_from_config` reads it), with `overrides` applied."""
+    base = dict(learning_rate=3e-3, schedule="linear", warmup_ratio=0.05, min_lr_ratio=0.0, weight_decay=0.0,
+                max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8)
+    return ml_collections.ConfigDict({**base, **overrides})
+
+
+def optimizer_from_config(o: ml_collections.ConfigDict, total_steps: int):
+    """(optax transformation, lr schedule) from an `optim` section."""
+    return make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
+                          warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
+                          max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx, struct
 
 from posttrain_jax.checkpointing.averaging import ema_update
-from posttrain_jax.models.lora import set_dropout_keys
+from posttrain_jax.models.lora import has_adapters, set_dropout_keys, trainable_filter
 from posttrain_jax.sharding import constrain
 
 
@@ -71,6 +71,20 @@ def frozen_state(model: nnx.Module, trainable=nnx.Param) -> nnx.State | None:
     """Everything `init_train_state(..., trainable=...)` does not train; None when that is nothing."""
     _, _, rest = nnx.split(model, trainable, ...)
     return rest if jax.tree.leaves(rest) else None
+
+
+def trainable_split(model: nnx.Module):
+    """(trainable filter, frozen state or None, params -> full model state) for a full or LoRA model.
+
+    LoRA: only the adapters (and a reward model's head) are trained; the frozen base is
+    passed to the step as an argument and joined back (no copy) wherever the whole model
+    is needed (evaluation, the returned params).
+    """
+    if not has_adapters(model):
+        return nnx.Param, None, lambda params: params
+    trainable = trainable_filter(model.config.head)
+    base = frozen_state(model, trainable)
+    return trainable, base, lambda params: nnx.merge_state(params, base)
 
 
 def split_microbatches(batch: dict[str, jax.Array], accum_steps: int, data_shards: int) -> dict[str, jax.Array]:

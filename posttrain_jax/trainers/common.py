@@ -1,42 +1,16 @@
-"""Wiring the trainers share: mesh, tokenizer, model and checkpoint directory from config."""
+"""The config sections every trainer (and command) has; the pieces they configure live in their layers.
+
+The model is built by `models.from_config.build_model`, the mesh by `mesh.mesh_and_rules`,
+the optimizer by `train.optim.optimizer_from_config`, checkpoint metadata by
+`checkpointing.metadata.run_metadata`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-
-import jax
 import ml_collections
-from ml_collections import config_dict
-from flax import nnx
 
-from posttrain_jax.checkpointing import (MODEL_CONFIG_KEY, abstract_target, load_params, read_metadata,
-                                        resolve_step_dir)
-from posttrain_jax.mesh import make_mesh
-from posttrain_jax.models import Decoder, create_model, load_hf, preset
-from posttrain_jax.sharding import DEFAULT_RULES, normalize_rules
-from posttrain_jax.trainers.adapters import LORA_KEY, build_with_lora, lora_section, lora_spec
-
-log = logging.getLogger(__name__)
-
-
-def model_config() -> ml_collections.ConfigDict:
-    """The `model` section every trainer shares."""
-    return ml_collections.ConfigDict(dict(
-        preset="quickstart",  # a name from posttrain_jax.models.PRESETS (random init) ...
-        hf_path="",  # ... or a local Hugging Face directory ...
-        checkpoint="",  # ... or a run checkpoint (its params)
-        dtype="float32",  # compute dtype; bfloat16 on TPU
-        param_dtype="float32",  # master weights
-        # What each block saves for the backward pass: none | full | dots | dots_no_batch | offload
-        # (models/config.py REMAT_POLICIES says when to use which); True / False still mean full / none.
-        remat=config_dict.FieldReference("none", field_type=object),
-        scan_layers=True,  # one lax.scan over the stacked layers; False: the unrolled per-layer oracle
-        # Attention kernel: auto (splash on TPU, cuDNN on GPU where it applies, else xla / blocked
-        # for long rows) | xla | blocked | splash | cudnn; see posttrain_jax/models/attention.py.
-        attention="auto",
-    ))
+from posttrain_jax.models.from_config import model_config
+from posttrain_jax.models.lora_runs import lora_section
 
 
 def base_config(output_dir: str) -> ml_collections.ConfigDict:
@@ -54,98 +28,3 @@ def base_config(output_dir: str) -> ml_collections.ConfigDict:
     c.chat_template = "auto"
     c.lora = lora_section()
     return c
-
-
-def mesh_and_rules(config):
-    shape = dict(config.mesh)
-    # num_devices > 0: a mesh over this process's first devices only (one process; e.g. the ablation's
-    # 1- vs 2-device cells in a process that has 8).
-    num_devices = int(shape.pop("num_devices", 0) or 0)
-    devices = None
-    if num_devices:
-        if jax.process_count() > 1 or num_devices > jax.device_count():
-            raise ValueError(f"mesh.num_devices={num_devices}: needs one process with at least that many devices "
-                             f"(this is process {jax.process_index()} of {jax.process_count()} with "
-                             f"{jax.device_count()} devices); set it to 0 to use every device")
-        devices = jax.devices()[:num_devices]
-    mesh = make_mesh(shape, devices=devices)
-    rules = normalize_rules(tuple(tuple(r) for r in config.sharding_rules)) + DEFAULT_RULES
-    return mesh, rules
-
-
-def data_shards(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
-                vocab_size: int | None = None, lora: ml_collections.ConfigDict | None = None,
-                merge_adapters: bool = True) -> Decoder:
-    """The model named by the `model` section, created or loaded straight into its shardings.
-
-    With an enabled `lora` section the base gets adapters (and a quantized base for QLoRA);
-    a `model.checkpoint` written by a LoRA run is rebuilt as its base + its adapters (kept
-    for a LoRA run or with merge_adapters=False, merged into full weights otherwise).
-    """
-    def build_base(section, base_seed, base_head):
-        if section is not cfg:  # the recorded base of an adapter run: itself possibly an adapter run
-            return build_model(section, mesh, rules, seed=base_seed, head=base_head, vocab_size=vocab_size)
-        return _build_plain(section, mesh, rules, seed=base_seed, head=base_head, vocab_size=vocab_size)
-
-    return build_with_lora(cfg, mesh, rules, seed=seed, head=head, lora=lora, build_base=build_base,
-                           merge=merge_adapters)
-
-
-def _build_plain(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
-                 vocab_size: int | None = None) -> Decoder:
-    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                    scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"))
-    if cfg.hf_path:
-        return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
-                       compute_dtype=cfg.dtype, remat=cfg.remat, scan_layers=numerics["scan_layers"],
-                       attention=numerics["attention"])
-    if cfg.checkpoint:
-        step_dir = resolve_step_dir(cfg.checkpoint)
-        meta = read_metadata(step_dir) or {}
-        if MODEL_CONFIG_KEY not in meta:
-            raise ValueError(f"checkpoint {step_dir} has no model config in its metadata")
-        saved = model_config_from_dict(meta[MODEL_CONFIG_KEY])
-        model = create_model(saved.replace(head=head, **numerics), mesh=mesh, rules=rules, seed=seed)
-        graphdef, params = nnx.split(model, nnx.Param)
-        # A head the checkpoint does not have (a reward model from an SFT run) keeps its fresh init.
-        heads = {"score", "lm_head"} if saved.head != head else set()
-        backbone = nnx.State({k: v for k, v in params.items() if k not in heads})
-        restored = load_params(step_dir, target=abstract_target(backbone))
-        for key, value in restored.items():
-            params[key] = value
-        if heads & set(params.keys()):
-            log.info("%s: backbone from %s, a fresh %s head", head, step_dir, head)
-        return nnx.merge(graphdef, params)
-    model_cfg = preset(cfg.preset, head=head, **numerics)
-    if vocab_size is not None and model_cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} but the tokenizer has "
-                         f"{vocab_size} tokens; pick a preset with a large enough vocabulary")
-    return create_model(model_cfg, mesh=mesh, rules=rules, seed=seed)
-
-
-def model_config_to_dict(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def model_config_from_dict(d: dict):
-    from posttrain_jax.models.config import ModelConfig, RopeConfig
-    d = dict(d)
-    d["rope"] = RopeConfig(**d["rope"])
-    d["local_rope"] = RopeConfig(**d["local_rope"]) if d.get("local_rope") else None
-    for key in ("layer_types", "eos_token_id"):
-        if isinstance(d.get(key), list):
-            d[key] = tuple(d[key])
-    return ModelConfig(**d)
-
-
-def run_metadata(config, model) -> dict:
-    meta = {MODEL_CONFIG_KEY: model_config_to_dict(model.config), "config": json.loads(config.to_json()),
-            "process_count": jax.process_count()}
-    spec = lora_spec(config)
-    if spec is not None:  # the checkpoints hold adapters only: say what they adapt
-        meta[LORA_KEY] = spec
-    return meta

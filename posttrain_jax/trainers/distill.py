@@ -46,16 +46,19 @@ import ml_collections
 from flax import nnx
 
 from posttrain_jax.data import SourceSpec, make_sft_pipeline
-from posttrain_jax.eval.command import eval_section, make_evaluator
+from posttrain_jax.eval.from_config import eval_section, make_evaluator
 from posttrain_jax.losses.distill import divergence_beta
 from posttrain_jax.losses.sft import AGGREGATIONS
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
+from posttrain_jax.models.from_config import build_model, model_config
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
-from posttrain_jax.sharding import shard_batch
+from posttrain_jax.sharding import data_shards, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
+from posttrain_jax.train import optimizer_config
+from posttrain_jax.train.loop import print_paths
 from posttrain_jax.trainers import runner
-from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules, model_config
+from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers.distill_objective import (cache_teacher_topk, is_on_policy, load_cached,
                                                       make_distill_objective, make_teacher_topk, on_policy_batch)
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
@@ -89,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.train = runner.loop_config(global_batch=32, steps=150, log_every=10, loss_aggregation="token_mean",
                                  sum_constant=0.0, loss_chunk_size=0)
-    c.optim = runner.optimizer_config(learning_rate=3e-3)
+    c.optim = optimizer_config(learning_rate=3e-3)
     # Held-out evaluation by sampling (posttrain_jax.eval); the SFT eval rows' reply is the "reference".
     c.eval = eval_section(path=os.path.join(QUICKSTART_SFT_DIR, "data", "eval.jsonl"), num_samples=4, ks=[1, 4],
                           max_prompt_length=48, length_policy="drop", on_bad_row="error", teacher=True)
@@ -234,5 +237,5 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
         if teacher_eval:
             line += f" (teacher {teacher_eval.get('accuracy', float('nan')):.1%})"
         print(line)
-    runner.print_paths(summary)
+    print_paths(summary)
     return summary

@@ -25,14 +25,18 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
+from posttrain_jax.eval.from_config import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.dpo import batch_sequence_ids, chosen_nll_term, dpo_loss, dpo_metric_means, sequence_logps
 from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.models.lora import base_graphdef, has_adapters
-from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
+from posttrain_jax.mesh import mesh_and_rules
+from posttrain_jax.models.from_config import build_model
+from posttrain_jax.sharding import batch_sharding, data_shards, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
+from posttrain_jax.train import optimizer_config, trainable_split
+from posttrain_jax.train.loop import print_paths
 from posttrain_jax.trainers import preference, runner
-from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
+from posttrain_jax.trainers.common import base_config
 
 log = logging.getLogger(__name__)
 REFERENCE_FREE = ("simpo",)
@@ -56,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
         reference="online",  # online | cached
         loss_chunk_size=0,
     )
-    c.optim = runner.optimizer_config(learning_rate=1e-5, warmup_ratio=0.1)  # Llama 3's DPO lr
+    c.optim = optimizer_config(learning_rate=1e-5, warmup_ratio=0.1)  # Llama 3's DPO lr
     c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
     return c
 
@@ -155,13 +159,11 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     reference_pair_logps = make_pair_logps(reference_graphdef, pairs_per_row=train_iter.pairs_per_row,
                                            loss_chunk_size=chunk)
     shard = lambda b: shard_batch(b, mesh, rules)  # noqa: E731
-    prepare = None
     needs_reference = t.loss_type not in REFERENCE_FREE
-    # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
     reference_params = None
     if needs_reference:
-        reference_params = runner.trainable_split(model)[1] if lora else jax.tree.map(jnp.copy, params)
-    if needs_reference:
+        # A frozen copy: the policy's own buffers are donated to (and replaced by) every train step.
+        reference_params = trainable_split(model)[1] if lora else jax.tree.map(jnp.copy, params)
         rows = batch_sharding(mesh, rules)
 
         @jax.jit(out_shardings=(rows, rows))  # [rows, pairs_per_row], split like every batch key
@@ -189,6 +191,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             batch = shard(host_batch)
             batch["ref_chosen"], batch["ref_rejected"] = reference(batch)
             return batch
+    else:
+        prepare = None  # reference-free losses: the runner's default (shard each batch over the mesh)
 
     objective, terms = make_dpo_objective(t, pair_logps)
     evaluate = None
@@ -240,5 +244,5 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             if "answers_exact_match" in a:
                 print(f"held-out answer exact match: {b['answers_exact_match']:.1%} before -> "
                       f"{a['answers_exact_match']:.1%} after")
-    runner.print_paths(summary)
+    print_paths(summary)
     return summary

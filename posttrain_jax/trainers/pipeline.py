@@ -47,9 +47,10 @@ import ml_collections
 
 from posttrain_jax.data import synthetic
 from posttrain_jax.data.preference import write_arithmetic_preferences
-from posttrain_jax.eval.command import eval_section
-from posttrain_jax.trainers.common import base_config, model_config
+from posttrain_jax.eval.from_config import eval_section
 from posttrain_jax.eval import command as eval_command
+from posttrain_jax.models.from_config import model_config
+from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers import dpo, rejection, rm, sft
 from posttrain_jax.trainers.pipeline_stages import (StageRunner, _atomic_json, build_pairs, merge, run_average,
                                                     run_dpo, run_eval, run_rejection, run_rm, run_sft)

@@ -23,11 +23,12 @@ from flax import nnx
 
 from posttrain_jax.checkpointing import average_checkpoints
 from posttrain_jax.eval import command as eval_command
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.eval.from_config import make_evaluator
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
+from posttrain_jax.models.from_config import build_model
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import dpo, rejection, rm, sft
-from posttrain_jax.trainers.common import build_model, mesh_and_rules
 
 log = logging.getLogger(__name__)
 MARKER = "stage_done.json"
@@ -214,7 +215,7 @@ def run_eval(config, directory: str, candidates: dict[str, dict]) -> dict:
         model = build_model(model_section(c.model, spec), mesh, rules, seed=c.seed, vocab_size=tokenizer.vocab_size)
         graphdef, params = nnx.split(model, nnx.Param)
         if evaluator is None:
-            evaluator = eval_command.make_evaluator(c, c.data.path, graphdef, model.config, mesh=mesh, rules=rules,
+            evaluator = make_evaluator(c, c.data.path, graphdef, model.config, mesh=mesh, rules=rules,
                                                     tokenizer=tokenizer, rewards=rewards)
         del model
         results[name] = evaluator(params, records=os.path.join(directory, name, "records.jsonl"), resume=True,

@@ -61,14 +61,15 @@ from jax.experimental import multihost_utils
 from posttrain_jax.data import synthetic
 from posttrain_jax.data.prompts import load_prompts
 from posttrain_jax.eval.progress import batch_share, global_sum, read_progress, shard_path, write_progress
-from posttrain_jax.mesh import local_mesh
+from posttrain_jax.mesh import local_mesh, mesh_and_rules
+from posttrain_jax.models.from_config import build_model
 from posttrain_jax.rl.rollout import sample_and_score
 from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sampling.text import stop_tokens_for
 from posttrain_jax.sharding import logical_to_spec
 from posttrain_jax.tokenizer import load_tokenizer, validate_messages
-from posttrain_jax.trainers.common import base_config, build_model, mesh_and_rules
+from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
 
 log = logging.getLogger(__name__)

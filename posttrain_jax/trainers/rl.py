@@ -14,6 +14,7 @@ import ml_collections
 
 from posttrain_jax.rl import loop
 from posttrain_jax.rl.settings import critic_config, resolve, rl_config
+from posttrain_jax.train import optimizer_config
 from posttrain_jax.trainers import runner
 from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers.preference import QUICKSTART_SFT_DIR
@@ -47,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl = rl_config()
     c.critic = critic_config()  # used by algorithm=ppo (advantage=gae)
     c.train = runner.loop_config(steps=100, log_every=5, eval_every=0, checkpoint_every=0)
-    c.optim = runner.optimizer_config(learning_rate=1e-4, warmup_ratio=0.0, schedule="constant",
+    c.optim = optimizer_config(learning_rate=1e-4, warmup_ratio=0.0, schedule="constant",
                                       weight_decay=0.0, b2=0.99)
     return c
 

@@ -22,9 +22,14 @@ from flax import nnx
 
 from posttrain_jax.losses.dpo import batch_sequence_ids
 from posttrain_jax.losses.rm import bradley_terry_loss, reward_metric_means, sequence_rewards
+from posttrain_jax.mesh import mesh_and_rules
+from posttrain_jax.models.from_config import build_model
+from posttrain_jax.sharding import data_shards
 from posttrain_jax.tokenizer import load_tokenizer, render_chat
+from posttrain_jax.train import optimizer_config
+from posttrain_jax.train.loop import print_paths
 from posttrain_jax.trainers import preference, runner
-from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
+from posttrain_jax.trainers.common import base_config
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = base_config("runs/rm-quickstart")
     c.data = preference.data_config()
     c.train = runner.loop_config(global_pairs=16, use_margin=False, center_coef=0.0, log_every=10)
-    c.optim = runner.optimizer_config(learning_rate=1e-3)
+    c.optim = optimizer_config(learning_rate=1e-3)
     return c
 
 
@@ -89,7 +94,7 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             b, a = summary["eval_before"], summary["eval_after"]
             print(f"held-out preference accuracy: {b['accuracy']:.1%} before -> {a['accuracy']:.1%} after; "
                   f"margin {b['margin']:.3f} -> {a['margin']:.3f}")
-    runner.print_paths(summary)
+    print_paths(summary)
     return summary
 
 
@@ -125,7 +130,7 @@ def score(model, tokenizer, rows, *, template: str = "auto", batch_size: int = 8
 
 
 def score_main(checkpoint: str, tokenizer_path: str, input_path: str, output_path: str, template: str) -> None:
-    from posttrain_jax.trainers.export import load_checkpoint_model
+    from posttrain_jax.models.from_config import load_checkpoint_model
     model = load_checkpoint_model(checkpoint)
     rows = []
     with open(input_path) as f:

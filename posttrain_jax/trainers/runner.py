@@ -14,30 +14,17 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-from flax import nnx
 
 from posttrain_jax.checkpointing import RunCheckpointer
+from posttrain_jax.checkpointing.metadata import run_metadata
 from posttrain_jax.metrics import MetricsWriter, measure_matmul_peak
-from posttrain_jax.sharding import batch_sharding, logical_rules, shard_batch
-from posttrain_jax.models.lora import dropout_rate, has_adapters, trainable_filter
-from posttrain_jax.train import frozen_state, init_train_state, jit_train_step, make_optimizer, make_train_step
+from posttrain_jax.sharding import batch_sharding, data_shards, logical_rules, shard_batch
+from posttrain_jax.models.lora import dropout_rate
+from posttrain_jax.train import init_train_state, jit_train_step, make_train_step, optimizer_from_config
+from posttrain_jax.train import trainable_split
 from posttrain_jax.train.loop import LoopConfig, resume_from_latest, train_loop
-from posttrain_jax.trainers.common import run_metadata
 
 log = logging.getLogger(__name__)
-
-
-def optimizer_config(**overrides) -> ml_collections.ConfigDict:
-    base = dict(learning_rate=3e-3, schedule="linear", warmup_ratio=0.05, min_lr_ratio=0.0, weight_decay=0.0,
-                max_grad_norm=1.0, b1=0.9, b2=0.98, eps=1e-8)
-    return ml_collections.ConfigDict({**base, **overrides})
-
-
-def optimizer_from_config(o: ml_collections.ConfigDict, total_steps: int):
-    """(optax transformation, lr schedule) from an `optim` section."""
-    return make_optimizer(learning_rate=o.learning_rate, total_steps=total_steps, schedule=o.schedule,
-                          warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay,
-                          max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
 def loop_config(**overrides) -> ml_collections.ConfigDict:
@@ -72,8 +59,8 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     trainable, base, full = trainable_split(model)
     graphdef, state = init_train_state(model, tx, seed=config.seed, ema=t.ema_decay > 0, mesh=mesh,
                                        trainable=trainable)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps, data_shards=shards,
+    step = make_train_step(graphdef, tx, objective, denominator, accum_steps=t.accum_steps,
+                           data_shards=data_shards(mesh),
                            ema_decay=t.ema_decay or None, schedule=schedule, dropout=dropout_rate(model) > 0)
     # LoRA: the frozen base is bound to the step (an argument of the jitted function, never donated).
     jitted = jit_train_step(step, state, batch_shardings or batch_sharding(mesh, rules), frozen=frozen, base=base)
@@ -112,25 +99,6 @@ def run(config: ml_collections.ConfigDict, *, mesh, rules, model, train_iter, ob
     return summary
 
 
-def trainable_split(model):
-    """(trainable filter, frozen state or None, params -> full model state) for a full or LoRA model.
-
-    LoRA: only the adapters (and a reward model's head) are trained; the frozen base is
-    passed to the step as an argument and joined back (no copy) wherever the whole model
-    is needed (evaluation, the returned params).
-    """
-    if not has_adapters(model):
-        return nnx.Param, None, lambda params: params
-    trainable = trainable_filter(model.config.head)
-    base = frozen_state(model, trainable)
-    return trainable, base, lambda params: nnx.merge_state(params, base)
-
-
 def format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
-
-def print_paths(summary: dict) -> None:
-    if jax.process_index() == 0:
-        print(f"trained {summary['final_step']} steps in {summary['wall_time_s']:.0f} s")
-        print(f"checkpoints: {summary['checkpoints']}\nmetrics:     {summary['metrics']} (+ tensorboard/)")

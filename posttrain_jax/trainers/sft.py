@@ -18,14 +18,18 @@ from flax import nnx
 
 from posttrain_jax.data import SourceSpec, make_eval_pipeline, make_sft_pipeline
 from posttrain_jax.data import synthetic
-from posttrain_jax.eval.command import combine_evaluators, generation_eval_section, make_generation_evaluator
+from posttrain_jax.eval.from_config import combine_evaluators, generation_eval_section, make_generation_evaluator
 from posttrain_jax.losses.logprobs import lm_head_logprobs
 from posttrain_jax.losses.sft import _sequence_token_counts
+from posttrain_jax.mesh import mesh_and_rules
 from posttrain_jax.metrics import progress_bar
-from posttrain_jax.sharding import logical_rules, shard_batch
+from posttrain_jax.models.from_config import build_model
+from posttrain_jax.sharding import data_shards, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
+from posttrain_jax.train import optimizer_config
+from posttrain_jax.train.loop import print_paths
 from posttrain_jax.trainers import runner
-from posttrain_jax.trainers.common import base_config, build_model, data_shards, mesh_and_rules
+from posttrain_jax.trainers.common import base_config
 from posttrain_jax.trainers.sft_objective import make_sft_denominator, make_sft_objective
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
         loss_chunk_size=0,  # sequence positions per fused LM-head chunk; 0 = automatic (see losses/logprobs.py)
     )
-    c.optim = runner.optimizer_config()
+    c.optim = optimizer_config()
     c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
     c.data.quickstart_num_train = 40000
     c.data.quickstart_num_eval = 400
@@ -169,5 +173,5 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
             b, a = summary["eval_before"], summary["eval_after"]
             print(f"held-out exact match: {b['exact_match']:.1%} before -> {a['exact_match']:.1%} after "
                   f"({int(a['sequences'])} examples); loss/token {b['loss']:.3f} -> {a['loss']:.3f}")
-    runner.print_paths(summary)
+    print_paths(summary)
     return summary

@@ -20,7 +20,7 @@ from posttrain_jax.rewards import PerSampleReward, Rewards, RewardTerm
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import DEFAULT_RULES
 from posttrain_jax.tokenizer import load_tokenizer
-from posttrain_jax.trainers.common import model_config_to_dict
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.data.prompts import load_prompts
 from posttrain_jax.sampling.text import completion_text, pad_prompts, stop_tokens_for
 

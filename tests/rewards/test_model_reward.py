@@ -10,7 +10,7 @@ from posttrain_jax.models import create_model, preset
 from posttrain_jax.rewards import RewardError, Rewards, build_rewards, reward_model_reward
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import rm
-from posttrain_jax.trainers.common import model_config_to_dict
+from posttrain_jax.models.config import model_config_to_dict
 
 
 @pytest.fixture(scope="module")

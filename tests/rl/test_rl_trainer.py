@@ -16,7 +16,7 @@ from posttrain_jax.rl.curriculum import CurriculumIterator
 from posttrain_jax.rl.rollout import RolloutQueue
 from posttrain_jax.rl.settings import ALGORITHMS, resolve, rl_config
 from posttrain_jax.trainers import rl
-from posttrain_jax.trainers.common import model_config_to_dict
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.data.prompts import PromptIterator
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"
@@ -192,7 +192,7 @@ def test_critic_from_an_hf_sequence_classification_directory(tmp_path):
     from posttrain_jax.rl.critic import critic_model_section
     from posttrain_jax.rl.objectives import token_values
     from posttrain_jax.sharding import DEFAULT_RULES, logical_rules
-    from posttrain_jax.trainers.common import build_model, model_config
+    from posttrain_jax.models.from_config import build_model, model_config
     from tests.models.hf_fixtures import make_hf_model
 
     hf = make_hf_model("llama", tmp_path / "rm", head="scalar", seed=2)

@@ -49,7 +49,7 @@ def test_abstract_lora_state_and_base_equal_real(quantize):
     """What `posttrain-jax compile` plans for a LoRA / QLoRA run is what the trainers build: adapters in the
     train state, the (quantized) base apart."""
     from posttrain_jax.models.lora import LoraConfig, apply_lora
-    from posttrain_jax.trainers.runner import trainable_split
+    from posttrain_jax.train import trainable_split
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     config = preset("tiny-llama")
     lora = LoraConfig(rank=4, alpha=8.0, quantize_base=quantize)

@@ -18,7 +18,9 @@ from posttrain_jax.losses.logprobs import token_logprobs
 from posttrain_jax.models import create_model, preset
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import distill, rejection, sft
-from posttrain_jax.trainers.common import build_model, mesh_and_rules, model_config_to_dict
+from posttrain_jax.models.from_config import build_model
+from posttrain_jax.mesh import mesh_and_rules
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.trainers.distill_objective import prompt_rows
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"

@@ -17,7 +17,7 @@ from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.sharding import DEFAULT_RULES, logical_rules, shard_batch
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import grpo
-from posttrain_jax.trainers.common import model_config_to_dict
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.rl.objectives import sequence_token_logps
 from posttrain_jax.data.prompts import load_prompts
 from posttrain_jax.rl.rollout import sample_and_score, training_batch

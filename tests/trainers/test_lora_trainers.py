@@ -1,7 +1,6 @@
 """LoRA / QLoRA runs of every trainer: only adapters in the run state and checkpoints, exact resume,
 8-device sharding, adapters-off references, exports (merged and PEFT) and sampling from an adapter run."""
 
-import json
 import os
 import shutil
 
@@ -12,25 +11,19 @@ import pytest
 from flax import nnx
 
 from posttrain_jax.checkpointing import load_params, read_metadata, resolve_step_dir
-from posttrain_jax.config import apply_overrides
 from posttrain_jax.models.lora import QuantizedKernel, has_adapters
 from posttrain_jax.trainers import sft
-from posttrain_jax.trainers.export import export_checkpoint, load_checkpoint_model
+from posttrain_jax.trainers.export import export_checkpoint
+from posttrain_jax.models.from_config import load_checkpoint_model
 from tests.models.test_lora import first_block
+from tests.trainers import sft_helpers
+from tests.trainers.sft_helpers import read_metrics
 
-SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",
-         "--config.train.global_batch=16", "--config.train.log_every=1", "--config.optim.learning_rate=1e-2",
-         "--config.lora.enabled=True", "--config.lora.rank=4", "--config.lora.alpha=8.0"]
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"
 
 
 def small_config(out, *extra):
-    return apply_overrides(sft.default_config(), [f"--config.output_dir={out}", *SMALL, *extra])
-
-
-def read_metrics(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows if "train/loss" in r}
+    return sft_helpers.small_config(out, *sft_helpers.LORA, *extra)
 
 
 def _leaf_names(tree):

@@ -13,7 +13,7 @@ from posttrain_jax.checkpointing import MODEL_CONFIG_KEY, RunCheckpointer
 from posttrain_jax.data import synthetic
 from posttrain_jax.data.preference import write_arithmetic_preferences
 from posttrain_jax.models import create_model, preset
-from posttrain_jax.trainers.common import model_config_to_dict
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.trainers.pipeline_stages import MARKER, build_pairs
 from posttrain_jax.cpu_devices import host_device_flags
 

@@ -12,7 +12,7 @@ import pytest
 from posttrain_jax.config import apply_overrides
 from posttrain_jax.data import synthetic
 from posttrain_jax.trainers import dpo, rm
-from posttrain_jax.trainers.export import load_checkpoint_model
+from posttrain_jax.models.from_config import load_checkpoint_model
 from posttrain_jax.tokenizer import load_tokenizer
 
 MESH = "--config.mesh={'data': 2, 'fsdp': 2, 'tensor': 2}"

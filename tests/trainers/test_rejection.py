@@ -18,7 +18,9 @@ from posttrain_jax.rewards import build_rewards
 from posttrain_jax.sampling import Sampler, SamplingParams
 from posttrain_jax.tokenizer import load_tokenizer
 from posttrain_jax.trainers import rejection
-from posttrain_jax.trainers.common import build_model, mesh_and_rules, model_config_to_dict
+from posttrain_jax.models.from_config import build_model
+from posttrain_jax.mesh import mesh_and_rules
+from posttrain_jax.models.config import model_config_to_dict
 from posttrain_jax.sampling.text import completion_text, pad_prompts, stop_tokens_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,6 +1,5 @@
 """The SFT trainer end to end: pulse, no recompilation, crash + resume, averaging, export."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,22 +12,11 @@ import transformers
 import torch
 
 from posttrain_jax.checkpointing import load_params
-from posttrain_jax.config import apply_overrides
 from posttrain_jax.trainers import sft
-from posttrain_jax.trainers.export import load_checkpoint_model
+from posttrain_jax.models.from_config import load_checkpoint_model
 from posttrain_jax.cpu_devices import host_device_flags
+from tests.trainers.sft_helpers import SMALL, read_metrics, small_config
 
-SMALL = ["--config.data.quickstart_num_train=700", "--config.data.quickstart_num_eval=40",
-         "--config.train.global_batch=16", "--config.train.log_every=1"]
-
-
-def small_config(out, *extra):
-    return apply_overrides(sft.default_config(), [f"--config.output_dir={out}", *SMALL, *extra])
-
-
-def read_metrics(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return {r["step"]: r for r in rows if "train/loss" in r}
 
 
 def test_pulse_on_8_devices(tmp_path):

@@ -104,8 +104,8 @@ def load_adapter_run(step_dir, meta: dict, mesh, rules, *, head: str, numerics: 
     base = spec["base"]
     section = ml_collections.ConfigDict(dict(preset=base["preset"], hf_path=base["hf_path"],
                                              checkpoint=base["checkpoint"], **numerics))
-    # build_base is the trainers' build_model without adapters: a base that is itself an adapter
-    # run comes back merged.
+    # build_base is `models.from_config.build_model` without adapters: a base that is itself an
+    # adapter run comes back merged.
     for key in ("hf_path", "checkpoint"):
         if base[key] and not os.path.exists(base[key]):
             raise FileNotFoundError(f"{step_dir}: the adapters' base model {key}={base[key]} does not exist; "
