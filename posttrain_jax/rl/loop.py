@@ -125,7 +125,10 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                               top_p=sc.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template,
                                                                           sc.stop_tokens),
                               pad_token=pad, num_samples=s.group_size)
-    updates = total_steps * s.updates_per_rollout
+    critic_warmup = config.critic.warmup_steps if s.uses_critic else 0
+    if not 0 <= critic_warmup < total_steps:
+        raise ValueError(f"critic.warmup_steps={critic_warmup} must be in [0, train.steps={total_steps})")
+    updates = (total_steps - critic_warmup) * s.updates_per_rollout  # the policy's schedule skips the warmup
     tx, schedule = optimizer_from_config(config.optim, updates)
     # LoRA: `base` is the frozen rest of the model and `full(params)` joins it back (no copy).
     trainable, base, full = trainable_split(model)
@@ -224,8 +227,9 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                     if critic_fn is not None:
                         critic_state, cm = critic_fn(critic_state, {k: mb[k] for k in CRITIC_KEYS})
                         critic_metrics.append(cm)
-                    state, m = step_fn(state, {k: mb[k] for k in policy_keys(s)})
-                    policy_metrics.append(m)
+                    if step_num > critic_warmup:
+                        state, m = step_fn(state, {k: mb[k] for k in policy_keys(s)})
+                        policy_metrics.append(m)
             policy_metrics, critic_metrics, stats = jax.device_get((policy_metrics, critic_metrics, stats))
             t_train = time.time() - t1
             row = step_metrics(rollout, host, stats, policy_metrics, critic_metrics, t_sample, t_train, s)
@@ -303,6 +307,9 @@ def step_metrics(rollout, host, stats, policy_metrics, critic_metrics, t_sample,
     verifiable = [k for k in out if k.endswith("/accuracy")]
     if verifiable:
         out["accuracy"] = out[verifiable[0]]
+    out["policy_updated"] = float(bool(policy_metrics))  # 0 during critic.warmup_steps
+    if not policy_metrics:
+        return _critic_metrics(out, critic_metrics)
     means = _token_means(policy_metrics)
     out.update(loss=float(np.mean([float(m["loss"]) for m in policy_metrics])),
                grad_norm=float(np.mean([float(m["grad_norm"]) for m in policy_metrics])),
@@ -314,6 +321,10 @@ def step_metrics(rollout, host, stats, policy_metrics, critic_metrics, t_sample,
     if "is_dual_clipped" in means:
         means["dual_clip_fraction"] = means.pop("is_dual_clipped")
     out.update(means)
+    return _critic_metrics(out, critic_metrics)
+
+
+def _critic_metrics(out: dict, critic_metrics) -> dict:
     if critic_metrics:
         values = _token_means(critic_metrics)
         out.update(value_loss=values["value_loss"], value_clip_fraction=values["value_clipped"],
