@@ -86,24 +86,41 @@ class RMSNorm(nnx.Module):
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys/values of every layer, stacked, plus the segment id of every slot.
+    """Preallocated keys/values of every layer plus the segment id of every slot.
 
     `end` is the number of slots written so far (shared by the batch: prompts are
     padded to one length, padding slots carry segment id 0 and are never attended).
-    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not).
+    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not), in one of
+    two layouts: one stacked array (`per_layer=False`: what a scan over layers indexes with
+    a traced layer) or a tuple of one array per layer (`per_layer=True`: what a decode loop
+    with unrolled layers wants; each layer's update is then an in-place write of the new
+    slots, where a stacked array costs a copy of the layer's cache out and back per step).
     """
 
-    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    values: jax.Array
+    keys: jax.Array | tuple[jax.Array, ...]  # [layers, batch, max_len, kv_heads, head_dim] or layers x [batch, ...]
+    values: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, max_len]
     end: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        if per_layer:
+            keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        else:
+            keys = values = jnp.zeros((config.num_layers, *shape), dtype)
+        return cls(keys=keys, values=values, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   end=jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.keys, tuple)
+
+    @property
+    def dtype(self):
+        return self.keys[0].dtype if self.per_layer else self.keys.dtype
 
 
 class Attention(nnx.Module):
@@ -242,15 +259,20 @@ def _layer_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
 
 
 def _layer_kv(cache_kv, layer):
-    """Layer `layer`'s (keys, values) of the stacked cache (`layer` may be traced)."""
+    """Layer `layer`'s (keys, values) of the cache: an element of a per-layer tuple (`layer` a
+    Python int) or a slice of the stacked arrays (`layer` may be traced)."""
     if cache_kv is None:
         return None
+    if isinstance(cache_kv[0], tuple):
+        return tuple(c[layer] for c in cache_kv)
     return tuple(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache_kv)
 
 
 def _put_layer_kv(cache_kv, layer_kv, layer):
     if cache_kv is None:
         return None
+    if isinstance(cache_kv[0], tuple):
+        return tuple(c[:layer] + (u,) + c[layer + 1:] for c, u in zip(cache_kv, layer_kv))
     return tuple(jax.lax.dynamic_update_index_in_dim(c, u, layer, 0) for c, u in zip(cache_kv, layer_kv))
 
 
@@ -277,8 +299,12 @@ class Decoder(nnx.Module):
         elif not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Final-norm hidden states [batch, length, hidden] and the updated cache."""
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, layers=None):
+        """Final-norm hidden states [batch, length, hidden] and the updated cache.
+
+        layers: None, or `unrolled_layers()` (made once, outside a decode loop) to run the blocks
+        one by one in Python, e.g. with a per-layer cache.
+        """
         c = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -294,19 +320,37 @@ class Decoder(nnx.Module):
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                           (0, start))
         kv = None if cache is None else (cache.keys, cache.values)
-        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start)
+        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start, layers)
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache_segments, cache.end + tokens.shape[1])
         return self.final_norm(x), cache
 
-    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start):
-        """All blocks over x [batch, length, hidden]; cache_kv is None or the stacked (keys, values)."""
+    def unrolled_layers(self) -> list[tuple[nnx.GraphDef, nnx.State]]:
+        """(graphdef, state) of every block in layer order, for `hidden_states(..., layers=)`.
+
+        With scanned layers the states are slices of the stacks. XLA:CPU materialises any slice
+        of a stacked weight (static or dynamic) as a copy before its dot, so a decode loop that
+        slices inside its body copies every layer weight once per step: make these once, before
+        the loop (one copy of the layer weights per call, held while the loop runs).
+        """
+        if not self.config.scan_layers:
+            return [nnx.split(block) for block in self.blocks]
+        period, groups = layer_groups(self.config)
+        stacks = [nnx.split(stack) for stack in self.layers]
+        layers = [(stacks[j][0], jax.tree.map(lambda a, g=g: a[g], stacks[j][1]))
+                  for g in range(groups) for j in range(period)]
+        return layers + [nnx.split(block) for block in self.tail]
+
+    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start, layers=None):
+        """All blocks over x [batch, length, hidden]; cache_kv is None or the (keys, values) of a KVCache."""
         c = self.config
         remat = c.remat if cache_kv is None else "none"  # a cache means inference: nothing to save
         args = (positions, segment_ids)
-        if not c.scan_layers:
-            for i, block in enumerate(self.blocks):
-                graphdef, state = nnx.split(block)
+        per_layer_cache = cache_kv is not None and isinstance(cache_kv[0], tuple)
+        if layers is None and (not c.scan_layers or per_layer_cache):  # a per-layer cache needs static indices
+            layers = self.unrolled_layers()
+        if layers is not None:
+            for i, (graphdef, state) in enumerate(layers):
                 x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, i),
                                                           cache_segments, start)
                 cache_kv = _put_layer_kv(cache_kv, kv, i)
@@ -358,7 +402,8 @@ class Decoder(nnx.Module):
         """Logits for a full (padded or packed) batch: no cache."""
         return self.head(self.hidden_states(tokens, positions, segment_ids)[0])
 
-    def decode(self, tokens, positions, segment_ids, cache: KVCache):
-        """Logits for `tokens` written after the cache's `end`; returns (logits, new cache)."""
-        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    def decode(self, tokens, positions, segment_ids, cache: KVCache, layers=None):
+        """Logits for `tokens` written after the cache's `end`; returns (logits, new cache).
+        layers: as in `hidden_states`."""
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
         return self.head(hidden), cache
