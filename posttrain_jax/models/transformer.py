@@ -95,9 +95,11 @@ class KVCache:
     a traced layer) or a tuple of one array per layer (`per_layer=True`: what a decode loop
     with unrolled layers wants; each layer's update is then an in-place write of the new
     slots, where a stacked array costs a copy of the layer's cache out and back per step).
+    Heads come before slots, the order the attention dots contract in, so a decode step
+    reads each layer's cache in place instead of transposing all of it.
     """
 
-    keys: jax.Array | tuple[jax.Array, ...]  # [layers, batch, max_len, kv_heads, head_dim] or layers x [batch, ...]
+    keys: jax.Array | tuple[jax.Array, ...]  # [layers, batch, kv_heads, max_len, head_dim] or layers x [batch, ...]
     values: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, max_len]
     end: jax.Array  # int32 scalar
@@ -105,12 +107,12 @@ class KVCache:
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         if per_layer:
             keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
             values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         else:
-            keys = values = jnp.zeros((config.num_layers, *shape), dtype)
+            keys, values = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
         return cls(keys=keys, values=values, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    end=jnp.zeros((), jnp.int32))
 
@@ -160,21 +162,20 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         length = x.shape[1]
-        q_slots = jnp.arange(length, dtype=jnp.int32)
-        if cache_kv is None:
-            k_slots, k_segments = q_slots, segment_ids
-        else:  # write this chunk into the cache, then attend over every slot
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0))
-            cache_kv = (k, v)
-            q_slots = q_slots + start
-            k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
         # A whole row goes to the configured kernel (segment ids, no dense mask), and so does a
         # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
         # keys are this chunk's); a few queries against a longer cache keep the dense mask.
-        whole_row = cache_kv is None or k.shape[1] == length
-        mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
-        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
+        whole_row = cache_kv is None or cache_kv[0].shape[2] == length
+        if cache_kv is not None:  # write this chunk into the (heads-major) cache
+            cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3),
+                                                          (0, 0, start, 0)) for cached, new in zip(cache_kv, (k, v)))
+        if whole_row:
+            out = self._attend(q, k, v, segment_ids)
+        else:  # attend over every slot of the cache
+            q_slots = jnp.arange(length, dtype=jnp.int32) + start
+            k_slots = jnp.arange(cache_kv[0].shape[2], dtype=jnp.int32)
+            mask = attention_mask(q_slots, k_slots, segment_ids, cache_segments, self.window)
+            out = self._attend(q, cache_kv[0].astype(c.dtype), cache_kv[1].astype(c.dtype), segment_ids, mask)
         out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)
@@ -184,8 +185,8 @@ class Attention(nnx.Module):
         """Grouped-query attention (posttrain_jax.models.attention); softmax in float32."""
         c = self.config
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
-        if mask is not None:
-            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
+        if mask is not None:  # k, v: a heads-major cache
+            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap, heads_major=True)
         return attention(q, k, v, segment_ids, implementation=c.attention, scale=scale,
                          softcap=c.attn_logit_softcap, window=self.window, block=c.attention_block)
 

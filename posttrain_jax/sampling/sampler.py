@@ -37,7 +37,7 @@ from posttrain_jax.sampling.strategies import SamplingParams, choose_tokens
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, constrain, logical_rules, logical_to_spec, normalize_rules
 
 log = logging.getLogger(__name__)
-_KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 _LAYER_KV_AXES = _KV_AXES[1:]
 DECODE_LAYERS = ("auto", "scan", "unrolled")
 _SLOT_AXES = ("batch", "cache_length")
@@ -207,7 +207,7 @@ class Sampler:
             return cache
         self._cache = None
         c = self.config
-        shape = (c.num_layers, rows, max_len, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, rows, c.num_kv_heads, max_len, c.head_dim)
         slots = self._sharding(_SLOT_AXES)
 
         def zeros(shape, dtype, sharding):

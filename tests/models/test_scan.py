@@ -102,27 +102,34 @@ def test_cache_decode_scanned_equals_unrolled(name):
     config = scanned.config
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, config.vocab_size)
     outs = []
-    for model in (scanned, unrolled):
+    # Stacked caches on both layouts; per-layer caches on both, the scanned one run on `unrolled_layers()`.
+    for model, per_layer in ((scanned, False), (unrolled, False), (scanned, True), (unrolled, True)):
         graphdef, params = nnx.split(model)
 
         @jax.jit
-        def run(params, tokens, graphdef=graphdef):
+        def run(params, tokens, graphdef=graphdef, per_layer=per_layer):
             model = nnx.merge(graphdef, params)
-            cache = KVCache.init(config, batch=2, max_len=12)
-            assert cache.keys.shape == (config.num_layers, 2, 12, config.num_kv_heads, config.head_dim)
+            cache = KVCache.init(config, batch=2, max_len=12, per_layer=per_layer)
+            layer_shape = (2, config.num_kv_heads, 12, config.head_dim)  # heads-major
+            if per_layer:
+                assert cache.per_layer and [k.shape for k in cache.keys] == [layer_shape] * config.num_layers
+            else:
+                assert cache.keys.shape == (config.num_layers, *layer_shape)
+            layers = model.unrolled_layers() if per_layer else None
             positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-            first, cache = model.decode(tokens[:, :6], positions, jnp.ones((2, 6), jnp.int32), cache)
+            first, cache = model.decode(tokens[:, :6], positions, jnp.ones((2, 6), jnp.int32), cache, layers)
             steps = []
             for t in range(6, 9):
                 logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32),
-                                             cache)
+                                             cache, layers)
                 steps.append(logits)
-            return first, jnp.concatenate(steps, axis=1), cache.keys
+            return first, jnp.concatenate(steps, axis=1), jnp.stack(cache.keys) if per_layer else cache.keys
         outs.append(run(params, tokens))
     full = scanned(tokens)  # no cache: the same logits
     tol = dict(rtol=1e-5, atol=2e-5)
-    for got, want in zip(outs[0], outs[1]):
-        np.testing.assert_allclose(got, want, **tol)
+    for other in outs[1:]:
+        for got, want in zip(outs[0], other):
+            np.testing.assert_allclose(got, want, **tol)
     np.testing.assert_allclose(outs[0][0], full[:, :6], **tol)
     np.testing.assert_allclose(outs[0][1], full[:, 6:], **tol)
 
