@@ -120,3 +120,20 @@ def test_pairs_by_reward_margin_and_by_verifier(tmp_path):
     assert build_pairs(str(tmp_path), str(samples), mode="verifier", verifier="math", min_margin=0.0)["pairs"] == 1
     with pytest.raises(ValueError, match="no verdict of 'code'"):
         build_pairs(str(tmp_path), str(samples), mode="verifier", verifier="code", min_margin=0.0)
+
+
+def test_a_worse_round_hands_the_earlier_best_on_and_the_table_says_so():
+    from posttrain_jax.trainers.pipeline import hand_on, table
+    r0 = {"metrics": {"initial": {"accuracy": 0.5}}, "best": "initial", "next": {"round": 0, "candidate": "initial"}}
+    leader = {"round": 0, "candidate": "initial", "model": {"checkpoint": "base"}, "value": 0.5}
+    worse = {"metrics": {"sft": {"accuracy": 0.3}, "dpo_0": {"accuracy": 0.4}}, "best": "dpo_0",
+             "best_model": {"checkpoint": "r1/dpo_0"}}
+    assert hand_on(leader, 1, worse, "accuracy", keep_best=True) is leader
+    assert hand_on(leader, 1, worse, "accuracy", keep_best=False)["model"] == {"checkpoint": "r1/dpo_0"}
+    tie = {"metrics": {"sft": {"accuracy": 0.5}}, "best": "sft", "best_model": {"checkpoint": "r1/sft"}}
+    assert hand_on(leader, 1, tie, "accuracy", keep_best=True)["candidate"] == "sft"  # ties: the newer model
+    worse["next"] = {"round": 0, "candidate": "initial"}
+    lines = table({0: r0, 1: worse}, "accuracy").splitlines()
+    assert lines[2].startswith("| 0 | initial | 0.5 |") and lines[2].endswith("| * next |")
+    assert lines[4].endswith("| * |")  # round 1's best, not handed on
+    assert lines[5].startswith("| 1 | kept: round 0 initial | 0.5 |") and lines[5].endswith("| next |")
