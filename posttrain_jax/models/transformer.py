@@ -84,6 +84,12 @@ class RMSNorm(nnx.Module):
         return scale.astype(x.dtype) * xf.astype(x.dtype)
 
 
+def layer_slots(config: ModelConfig, max_len: int) -> list[int]:
+    """Cache slots of each layer in a per-layer cache: a sliding layer keeps only its window (a ring
+    buffer, Gemma 3's five of every six layers), a global layer all `max_len`."""
+    return [min(config.sliding_window, max_len) if t == SLIDING else max_len for t in config.layer_types]
+
+
 @struct.dataclass
 class KVCache:
     """Preallocated keys/values of every layer plus the segment id of every slot.
@@ -96,7 +102,9 @@ class KVCache:
     with unrolled layers wants; each layer's update is then an in-place write of the new
     slots, where a stacked array costs a copy of the layer's cache out and back per step).
     Heads come before slots, the order the attention dots contract in, so a decode step
-    reads each layer's cache in place instead of transposing all of it.
+    reads each layer's cache in place instead of transposing all of it. In a per-layer cache a
+    sliding-window layer keeps only `sliding_window` slots, as a ring (absolute slot s at
+    s mod W, `layer_slots`): Gemma 3's cache shrinks to about its global layers' share.
     """
 
     keys: jax.Array | tuple[jax.Array, ...]  # [layers, batch, kv_heads, max_len, head_dim] or layers x [batch, ...]
@@ -106,11 +114,14 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
+        """Zeros; with `per_layer`, sliding-window layers get a ring of `sliding_window` slots
+        (`layer_slots`), the others `max_len`."""
         dtype = dtype or config.dtype
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         if per_layer:
-            keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-            values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            shapes = [(batch, config.num_kv_heads, n, config.head_dim) for n in layer_slots(config, max_len)]
+            keys = tuple(jnp.zeros(s, dtype) for s in shapes)
+            values = tuple(jnp.zeros(s, dtype) for s in shapes)
         else:
             keys, values = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
         return cls(keys=keys, values=values, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
@@ -166,6 +177,8 @@ class Attention(nnx.Module):
         # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
         # keys are this chunk's); a few queries against a longer cache keep the dense mask.
         whole_row = cache_kv is None or cache_kv[0].shape[2] == length
+        if cache_kv is not None and cache_kv[0].shape[2] < cache_segments.shape[1]:
+            return self._ring_step(q, k, v, segment_ids, cache_kv, cache_segments, start)
         if cache_kv is not None:  # write this chunk into the (heads-major) cache
             cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3),
                                                           (0, 0, start, 0)) for cached, new in zip(cache_kv, (k, v)))
@@ -176,6 +189,37 @@ class Attention(nnx.Module):
             k_slots = jnp.arange(cache_kv[0].shape[2], dtype=jnp.int32)
             mask = attention_mask(q_slots, k_slots, segment_ids, cache_segments, self.window)
             out = self._attend(q, cache_kv[0].astype(c.dtype), cache_kv[1].astype(c.dtype), segment_ids, mask)
+        out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
+        if c.o_bias:
+            out = out + self.o_bias[...].astype(c.dtype)
+        return out, cache_kv
+
+    def _ring_step(self, q, k, v, segment_ids, cache_kv, cache_segments, start):
+        """A sliding layer whose cache is a ring of W = window slots (`KVCache.init(per_layer=True)`):
+        absolute slot s lives at s mod W. The chunk's queries attend over the ring as it was (slots
+        start - W .. start - 1) plus the chunk itself (a chunk longer than W needs keys the write
+        evicts), then the chunk's last min(T, W) slots are written."""
+        c = self.config
+        ring, length = cache_kv[0].shape[2], q.shape[1]
+        ring_index = jnp.arange(ring, dtype=jnp.int32)
+        # Absolute slot held by ring index j: the last s < start with s = j (mod W); < 0 means never written.
+        held = start - 1 - jnp.mod(start - 1 - ring_index, ring)
+        held_segments = jnp.where(held >= 0, jnp.take(cache_segments, jnp.maximum(held, 0), axis=1), 0)
+        q_slots = jnp.arange(length, dtype=jnp.int32) + start
+        k_slots = jnp.concatenate([held, q_slots])
+        k_segments = jnp.concatenate([held_segments, segment_ids.astype(jnp.int32)], axis=1)
+        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        keys, values = (jnp.concatenate([cached.astype(c.dtype), new.transpose(0, 2, 1, 3)], axis=2)
+                        for cached, new in zip(cache_kv, (k, v)))
+        out = self._attend(q, keys, values, segment_ids, mask)
+        kept = min(length, ring)
+        news = (new[:, length - kept:].astype(cached.dtype).transpose(0, 2, 1, 3) for cached, new in zip(cache_kv, (k, v)))
+        if kept == 1:  # a decode step: one in-place slot write
+            cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new, (0, 0, jnp.mod(start, ring), 0))
+                             for cached, new in zip(cache_kv, news))
+        else:
+            slots = jnp.mod(q_slots[length - kept:], ring)
+            cache_kv = tuple(cached.at[:, :, slots].set(new) for cached, new in zip(cache_kv, news))
         out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)

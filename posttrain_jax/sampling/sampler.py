@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from posttrain_jax.models.transformer import KVCache
+from posttrain_jax.models.transformer import KVCache, layer_slots
 from posttrain_jax.sampling.strategies import SamplingParams, choose_tokens
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, constrain, logical_rules, logical_to_spec, normalize_rules
 
@@ -96,8 +96,15 @@ def make_generate(graphdef: nnx.GraphDef, params: SamplingParams):
 
         def write(big, part, batch_axis=0):
             if isinstance(big, tuple):  # per layer: layer i of the stacked prompt cache into big[i]
-                return tuple(write(layer, part[i]) for i, layer in enumerate(big))
+                return tuple(write_ring(layer, part[i]) for i, layer in enumerate(big))
             return jax.lax.dynamic_update_slice(big, repeat(part, batch_axis), (0,) * big.ndim)
+
+        def write_ring(big, part):
+            """A sliding layer's ring of W < prompt slots keeps the last W, slot s at s mod W."""
+            ring, length = big.shape[2], part.shape[2]
+            if ring >= length:
+                return write(big, part)
+            return jnp.roll(repeat(part[:, :, length - ring:]), (length - ring) % ring, axis=2).astype(big.dtype)
 
         # Unrolled decode: slice the stacked layer weights here, once, not in every step.
         layers = model.unrolled_layers() if cache.per_layer else None
@@ -214,10 +221,10 @@ class Sampler:
             # Committed like the cache the program hands back: an uncommitted first cache would make the
             # second call (with the returned, committed one) compile the program again.
             return jnp.zeros(shape, dtype, device=sharding if sharding is not None else jax.devices()[0])
-        if self.decode_layers == "unrolled":
+        if self.decode_layers == "unrolled":  # sliding layers: a ring of their window (layer_slots)
             layer = self._sharding(_LAYER_KV_AXES)
-            keys, values = (tuple(zeros(shape[1:], self.cache_dtype, layer) for _ in range(c.num_layers))
-                            for _ in range(2))
+            keys, values = (tuple(zeros((rows, c.num_kv_heads, slots_i, c.head_dim), self.cache_dtype, layer)
+                                  for slots_i in layer_slots(c, max_len)) for _ in range(2))
         else:
             kv = self._sharding(_KV_AXES)
             keys, values = zeros(shape, self.cache_dtype, kv), zeros(shape, self.cache_dtype, kv)

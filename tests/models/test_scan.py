@@ -8,6 +8,7 @@ from flax import nnx
 
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import KVCache, create_model, preset
+from posttrain_jax.models.transformer import layer_slots
 from posttrain_jax.models.config import _GEMMA3_LAYERS, FULL, REMAT_POLICIES, SLIDING, ModelConfig
 from posttrain_jax.models.stacking import layer_groups, layer_period, scanned_location, unstacked_sources
 from posttrain_jax.sharding import DEFAULT_RULES
@@ -110,11 +111,11 @@ def test_cache_decode_scanned_equals_unrolled(name):
         def run(params, tokens, graphdef=graphdef, per_layer=per_layer):
             model = nnx.merge(graphdef, params)
             cache = KVCache.init(config, batch=2, max_len=12, per_layer=per_layer)
-            layer_shape = (2, config.num_kv_heads, 12, config.head_dim)  # heads-major
-            if per_layer:
-                assert cache.per_layer and [k.shape for k in cache.keys] == [layer_shape] * config.num_layers
+            if per_layer:  # heads-major; sliding layers keep a ring of their window
+                assert cache.per_layer and [k.shape for k in cache.keys] == [
+                    (2, config.num_kv_heads, n, config.head_dim) for n in layer_slots(config, 12)]
             else:
-                assert cache.keys.shape == (config.num_layers, *layer_shape)
+                assert cache.keys.shape == (config.num_layers, 2, config.num_kv_heads, 12, config.head_dim)
             layers = model.unrolled_layers() if per_layer else None
             positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
             first, cache = model.decode(tokens[:, :6], positions, jnp.ones((2, 6), jnp.int32), cache, layers)
@@ -123,13 +124,20 @@ def test_cache_decode_scanned_equals_unrolled(name):
                 logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32),
                                              cache, layers)
                 steps.append(logits)
-            return first, jnp.concatenate(steps, axis=1), jnp.stack(cache.keys) if per_layer else cache.keys
+            return first, jnp.concatenate(steps, axis=1), cache.keys
         outs.append(run(params, tokens))
     full = scanned(tokens)  # no cache: the same logits
     tol = dict(rtol=1e-5, atol=2e-5)
     for other in outs[1:]:
-        for got, want in zip(outs[0], other):
+        for got, want in zip(outs[0][:2], other[:2]):
             np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(outs[0][2], outs[1][2], **tol)  # the stacked caches
+    for per_layer_keys in (outs[2][2], outs[3][2]):  # a ring holds the last W of the 9 slots, slot s at s % W
+        for i, keys in enumerate(per_layer_keys):
+            n = keys.shape[2]
+            slots = np.arange(9 - n, 9) if n < 12 else np.arange(12)
+            np.testing.assert_allclose(keys[:, :, slots % n], outs[0][2][i][:, :, slots], **tol)
+    assert layer_slots(config, 12) == ([4, 12, 4, 12, 4] if name == "gemma3" else [12] * config.num_layers)
     np.testing.assert_allclose(outs[0][0], full[:, :6], **tol)
     np.testing.assert_allclose(outs[0][1], full[:, 6:], **tol)
 
