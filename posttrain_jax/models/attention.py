@@ -58,21 +58,29 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None)
     return mask
 
 
-def xla_attention(q, k, v, mask, *, scale: float, softcap: float | None = None) -> jax.Array:
+def xla_attention(q, k, v, mask, *, scale: float, softcap: float | None = None,
+                  heads_major: bool = False) -> jax.Array:
     """The oracle: grouped-query attention over a dense mask, scores and softmax in float32.
 
-    q [batch, T, heads, head_dim], k/v [batch, S, kv_heads, head_dim], mask [batch, T, S] bool.
+    q [batch, T, heads, head_dim], k/v [batch, S, kv_heads, head_dim] (heads_major: [batch,
+    kv_heads, S, head_dim], the KV cache's layout), mask [batch, T, S] bool.
     Returns [batch, T, heads, head_dim] in v's dtype.
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if heads_major else 2]
+    kv = "bksd" if heads_major else "bskd"
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    if heads_major:  # [b, k, (g t), s] x [b, k, s, d] is XLA:CPU's fast batched-matmul form; asking for
+        # "btkgd" directly makes XLA compute the transposed product, which its CPU matmul library
+        # does not take (a generic dot, ~10x slower at decode shapes)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 

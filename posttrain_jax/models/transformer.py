@@ -84,26 +84,56 @@ class RMSNorm(nnx.Module):
         return scale.astype(x.dtype) * xf.astype(x.dtype)
 
 
+def layer_slots(config: ModelConfig, max_len: int) -> list[int]:
+    """Cache slots of each layer in a per-layer cache: a sliding layer keeps only its window (a ring
+    buffer, Gemma 3's five of every six layers), a global layer all `max_len`."""
+    return [min(config.sliding_window, max_len) if t == SLIDING else max_len for t in config.layer_types]
+
+
 @struct.dataclass
 class KVCache:
-    """Preallocated keys/values of every layer, stacked, plus the segment id of every slot.
+    """Preallocated keys/values of every layer plus the segment id of every slot.
 
     `end` is the number of slots written so far (shared by the batch: prompts are
     padded to one length, padding slots carry segment id 0 and are never attended).
-    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not).
+    Layer i's keys are `keys[i]`, whatever the parameter layout (scanned or not), in one of
+    two layouts: one stacked array (`per_layer=False`: what a scan over layers indexes with
+    a traced layer) or a tuple of one array per layer (`per_layer=True`: what a decode loop
+    with unrolled layers wants; each layer's update is then an in-place write of the new
+    slots, where a stacked array costs a copy of the layer's cache out and back per step).
+    Heads come before slots, the order the attention dots contract in, so a decode step
+    reads each layer's cache in place instead of transposing all of it. In a per-layer cache a
+    sliding-window layer keeps only `sliding_window` slots, as a ring (absolute slot s at
+    s mod W, `layer_slots`): Gemma 3's cache shrinks to about its global layers' share.
     """
 
-    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    values: jax.Array
+    keys: jax.Array | tuple[jax.Array, ...]  # [layers, batch, kv_heads, max_len, head_dim] or layers x [batch, ...]
+    values: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array  # [batch, max_len]
     end: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
+        """Zeros; with `per_layer`, sliding-window layers get a ring of `sliding_window` slots
+        (`layer_slots`), the others `max_len`."""
         dtype = dtype or config.dtype
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), end=jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        if per_layer:
+            shapes = [(batch, config.num_kv_heads, n, config.head_dim) for n in layer_slots(config, max_len)]
+            keys = tuple(jnp.zeros(s, dtype) for s in shapes)
+            values = tuple(jnp.zeros(s, dtype) for s in shapes)
+        else:
+            keys, values = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+        return cls(keys=keys, values=values, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   end=jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.keys, tuple)
+
+    @property
+    def dtype(self):
+        return self.keys[0].dtype if self.per_layer else self.keys.dtype
 
 
 class Attention(nnx.Module):
@@ -143,21 +173,53 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         length = x.shape[1]
-        q_slots = jnp.arange(length, dtype=jnp.int32)
-        if cache_kv is None:
-            k_slots, k_segments = q_slots, segment_ids
-        else:  # write this chunk into the cache, then attend over every slot
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, start, 0, 0))
-            cache_kv = (k, v)
-            q_slots = q_slots + start
-            k_slots, k_segments = jnp.arange(k.shape[1], dtype=jnp.int32), cache_segments
         # A whole row goes to the configured kernel (segment ids, no dense mask), and so does a
         # prefill that fills the whole cache (the sampler's prompt-sized cache: start is 0 and the
         # keys are this chunk's); a few queries against a longer cache keep the dense mask.
-        whole_row = cache_kv is None or k.shape[1] == length
-        mask = None if whole_row else attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
-        out = self._attend(q, k.astype(c.dtype), v.astype(c.dtype), segment_ids, mask)
+        whole_row = cache_kv is None or cache_kv[0].shape[2] == length
+        if cache_kv is not None and cache_kv[0].shape[2] < cache_segments.shape[1]:
+            return self._ring_step(q, k, v, segment_ids, cache_kv, cache_segments, start)
+        if cache_kv is not None:  # write this chunk into the (heads-major) cache
+            cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3),
+                                                          (0, 0, start, 0)) for cached, new in zip(cache_kv, (k, v)))
+        if whole_row:
+            out = self._attend(q, k, v, segment_ids)
+        else:  # attend over every slot of the cache
+            q_slots = jnp.arange(length, dtype=jnp.int32) + start
+            k_slots = jnp.arange(cache_kv[0].shape[2], dtype=jnp.int32)
+            mask = attention_mask(q_slots, k_slots, segment_ids, cache_segments, self.window)
+            out = self._attend(q, cache_kv[0].astype(c.dtype), cache_kv[1].astype(c.dtype), segment_ids, mask)
+        out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
+        if c.o_bias:
+            out = out + self.o_bias[...].astype(c.dtype)
+        return out, cache_kv
+
+    def _ring_step(self, q, k, v, segment_ids, cache_kv, cache_segments, start):
+        """A sliding layer whose cache is a ring of W = window slots (`KVCache.init(per_layer=True)`):
+        absolute slot s lives at s mod W. The chunk's queries attend over the ring as it was (slots
+        start - W .. start - 1) plus the chunk itself (a chunk longer than W needs keys the write
+        evicts), then the chunk's last min(T, W) slots are written."""
+        c = self.config
+        ring, length = cache_kv[0].shape[2], q.shape[1]
+        ring_index = jnp.arange(ring, dtype=jnp.int32)
+        # Absolute slot held by ring index j: the last s < start with s = j (mod W); < 0 means never written.
+        held = start - 1 - jnp.mod(start - 1 - ring_index, ring)
+        held_segments = jnp.where(held >= 0, jnp.take(cache_segments, jnp.maximum(held, 0), axis=1), 0)
+        q_slots = jnp.arange(length, dtype=jnp.int32) + start
+        k_slots = jnp.concatenate([held, q_slots])
+        k_segments = jnp.concatenate([held_segments, segment_ids.astype(jnp.int32)], axis=1)
+        mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, self.window)
+        keys, values = (jnp.concatenate([cached.astype(c.dtype), new.transpose(0, 2, 1, 3)], axis=2)
+                        for cached, new in zip(cache_kv, (k, v)))
+        out = self._attend(q, keys, values, segment_ids, mask)
+        kept = min(length, ring)
+        news = (new[:, length - kept:].astype(cached.dtype).transpose(0, 2, 1, 3) for cached, new in zip(cache_kv, (k, v)))
+        if kept == 1:  # a decode step: one in-place slot write
+            cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new, (0, 0, jnp.mod(start, ring), 0))
+                             for cached, new in zip(cache_kv, news))
+        else:
+            slots = jnp.mod(q_slots[length - kept:], ring)
+            cache_kv = tuple(cached.at[:, :, slots].set(new) for cached, new in zip(cache_kv, news))
         out = project(self, "o", out, "bthk,hkd->btd", c.dtype)
         if c.o_bias:
             out = out + self.o_bias[...].astype(c.dtype)
@@ -167,8 +229,8 @@ class Attention(nnx.Module):
         """Grouped-query attention (posttrain_jax.models.attention); softmax in float32."""
         c = self.config
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
-        if mask is not None:
-            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap)
+        if mask is not None:  # k, v: a heads-major cache
+            return xla_attention(q, k, v, mask, scale=scale, softcap=c.attn_logit_softcap, heads_major=True)
         return attention(q, k, v, segment_ids, implementation=c.attention, scale=scale,
                          softcap=c.attn_logit_softcap, window=self.window, block=c.attention_block)
 
@@ -242,15 +304,20 @@ def _layer_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
 
 
 def _layer_kv(cache_kv, layer):
-    """Layer `layer`'s (keys, values) of the stacked cache (`layer` may be traced)."""
+    """Layer `layer`'s (keys, values) of the cache: an element of a per-layer tuple (`layer` a
+    Python int) or a slice of the stacked arrays (`layer` may be traced)."""
     if cache_kv is None:
         return None
+    if isinstance(cache_kv[0], tuple):
+        return tuple(c[layer] for c in cache_kv)
     return tuple(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache_kv)
 
 
 def _put_layer_kv(cache_kv, layer_kv, layer):
     if cache_kv is None:
         return None
+    if isinstance(cache_kv[0], tuple):
+        return tuple(c[:layer] + (u,) + c[layer + 1:] for c, u in zip(cache_kv, layer_kv))
     return tuple(jax.lax.dynamic_update_index_in_dim(c, u, layer, 0) for c, u in zip(cache_kv, layer_kv))
 
 
@@ -277,8 +344,12 @@ class Decoder(nnx.Module):
         elif not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Final-norm hidden states [batch, length, hidden] and the updated cache."""
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, layers=None):
+        """Final-norm hidden states [batch, length, hidden] and the updated cache.
+
+        layers: None, or `unrolled_layers()` (made once, outside a decode loop) to run the blocks
+        one by one in Python, e.g. with a per-layer cache.
+        """
         c = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -294,19 +365,37 @@ class Decoder(nnx.Module):
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                           (0, start))
         kv = None if cache is None else (cache.keys, cache.values)
-        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start)
+        x, kv = self._run_layers(x, positions, segment_ids, kv, cache_segments, start, layers)
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache_segments, cache.end + tokens.shape[1])
         return self.final_norm(x), cache
 
-    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start):
-        """All blocks over x [batch, length, hidden]; cache_kv is None or the stacked (keys, values)."""
+    def unrolled_layers(self) -> list[tuple[nnx.GraphDef, nnx.State]]:
+        """(graphdef, state) of every block in layer order, for `hidden_states(..., layers=)`.
+
+        With scanned layers the states are slices of the stacks. XLA:CPU materialises any slice
+        of a stacked weight (static or dynamic) as a copy before its dot, so a decode loop that
+        slices inside its body copies every layer weight once per step: make these once, before
+        the loop (one copy of the layer weights per call, held while the loop runs).
+        """
+        if not self.config.scan_layers:
+            return [nnx.split(block) for block in self.blocks]
+        period, groups = layer_groups(self.config)
+        stacks = [nnx.split(stack) for stack in self.layers]
+        layers = [(stacks[j][0], jax.tree.map(lambda a, g=g: a[g], stacks[j][1]))
+                  for g in range(groups) for j in range(period)]
+        return layers + [nnx.split(block) for block in self.tail]
+
+    def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start, layers=None):
+        """All blocks over x [batch, length, hidden]; cache_kv is None or the (keys, values) of a KVCache."""
         c = self.config
         remat = c.remat if cache_kv is None else "none"  # a cache means inference: nothing to save
         args = (positions, segment_ids)
-        if not c.scan_layers:
-            for i, block in enumerate(self.blocks):
-                graphdef, state = nnx.split(block)
+        per_layer_cache = cache_kv is not None and isinstance(cache_kv[0], tuple)
+        if layers is None and (not c.scan_layers or per_layer_cache):  # a per-layer cache needs static indices
+            layers = self.unrolled_layers()
+        if layers is not None:
+            for i, (graphdef, state) in enumerate(layers):
                 x, kv = _layer_fn(graphdef, remat, False)(state, x, *args, _layer_kv(cache_kv, i),
                                                           cache_segments, start)
                 cache_kv = _put_layer_kv(cache_kv, kv, i)
@@ -358,7 +447,8 @@ class Decoder(nnx.Module):
         """Logits for a full (padded or packed) batch: no cache."""
         return self.head(self.hidden_states(tokens, positions, segment_ids)[0])
 
-    def decode(self, tokens, positions, segment_ids, cache: KVCache):
-        """Logits for `tokens` written after the cache's `end`; returns (logits, new cache)."""
-        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    def decode(self, tokens, positions, segment_ids, cache: KVCache, layers=None):
+        """Logits for `tokens` written after the cache's `end`; returns (logits, new cache).
+        layers: as in `hidden_states`."""
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, layers)
         return self.head(hidden), cache

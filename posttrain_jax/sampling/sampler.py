@@ -12,6 +12,12 @@ slot and one shared cache cursor serves the batch; padding slots carry segment
 id 0 and are never attended to. Positions count real tokens only, so a row's
 outputs do not depend on how much padding it got. Each prompt is prefilled
 once and its cache rows copied to its `num_samples` samples.
+
+The decode loop runs the layers one of two ways (`Sampler(decode_layers=...)`): `scan`, a
+`lax.scan` over the stacked layers with a stacked cache (compile time independent of depth), or
+`unrolled`, one block after another on per-layer weight slices made once before the loop and a
+per-layer cache (XLA:CPU copies any slice of a stacked array before a dot, so on CPU a scanned
+decode step copies every layer weight and every layer's cache; see benchmarks/README.md "Decode").
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from posttrain_jax.models.transformer import KVCache
+from posttrain_jax.models.transformer import KVCache, layer_slots
 from posttrain_jax.sampling.strategies import SamplingParams, choose_tokens
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, constrain, logical_rules, logical_to_spec, normalize_rules
 
 log = logging.getLogger(__name__)
-_KV_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+_LAYER_KV_AXES = _KV_AXES[1:]
+DECODE_LAYERS = ("auto", "scan", "unrolled")
 _SLOT_AXES = ("batch", "cache_length")
 
 
@@ -58,12 +66,19 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    return cache.replace(keys=constrain(cache.keys, _KV_AXES), values=constrain(cache.values, _KV_AXES),
+    def kv(x):
+        if isinstance(x, tuple):
+            return tuple(constrain(layer, _LAYER_KV_AXES) for layer in x)
+        return constrain(x, _KV_AXES)
+    return cache.replace(keys=kv(cache.keys), values=kv(cache.values),
                          segment_ids=constrain(cache.segment_ids, _SLOT_AXES))
 
 
 def make_generate(graphdef: nnx.GraphDef, params: SamplingParams):
-    """The pure generate function for one model structure and one SamplingParams (jit it)."""
+    """The pure generate function for one model structure and one SamplingParams (jit it).
+
+    A per-layer cache (`KVCache.per_layer`) selects the unrolled decode loop, a stacked one the scan.
+    """
 
     def generate(state, cache: KVCache, prompt_tokens, prompt_mask, rng):
         model = nnx.merge(graphdef, state)
@@ -74,14 +89,25 @@ def make_generate(graphdef: nnx.GraphDef, params: SamplingParams):
         prompts, prompt_len = tokens.shape
 
         # Prefill each prompt once, into a prompt-sized cache, then copy it to its n rows.
-        small = KVCache.init(model.config, prompts, prompt_len, dtype=cache.keys.dtype)
+        small = KVCache.init(model.config, prompts, prompt_len, dtype=cache.dtype)
         hidden, small = model.hidden_states(tokens, positions, mask, small)
         logits = model.head(hidden[:, -1:])  # only the last slot's logits are needed
         repeat = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731
 
         def write(big, part, batch_axis=0):
+            if isinstance(big, tuple):  # per layer: layer i of the stacked prompt cache into big[i]
+                return tuple(write_ring(layer, part[i]) for i, layer in enumerate(big))
             return jax.lax.dynamic_update_slice(big, repeat(part, batch_axis), (0,) * big.ndim)
 
+        def write_ring(big, part):
+            """A sliding layer's ring of W < prompt slots keeps the last W, slot s at s mod W."""
+            ring, length = big.shape[2], part.shape[2]
+            if ring >= length:
+                return write(big, part)
+            return jnp.roll(repeat(part[:, :, length - ring:]), (length - ring) % ring, axis=2).astype(big.dtype)
+
+        # Unrolled decode: slice the stacked layer weights here, once, not in every step.
+        layers = model.unrolled_layers() if cache.per_layer else None
         cache = _constrain_cache(KVCache(
             keys=write(cache.keys, small.keys, 1), values=write(cache.values, small.values, 1),
             segment_ids=write(jnp.zeros_like(cache.segment_ids), small.segment_ids),
@@ -105,7 +131,7 @@ def make_generate(graphdef: nnx.GraphDef, params: SamplingParams):
             step, cache, out_tokens, out_logps, done, last, lengths = carry
             # The last sampled token enters the cache at position prompt_length + step - 1.
             pos = (lengths0 + step - 1)[:, None]
-            logits, cache = model.decode(last[:, None], pos, jnp.ones((rows, 1), jnp.int32), cache)
+            logits, cache = model.decode(last[:, None], pos, jnp.ones((rows, 1), jnp.int32), cache, layers)
             token, logp = choose_tokens(logits[:, -1], jax.random.fold_in(rng, step), params)
             token = jnp.where(done, params.pad_token, token)
             logp = jnp.where(done, 0.0, logp)
@@ -132,11 +158,23 @@ class Sampler:
 
     One compilation per (rows, prompt bucket + max new tokens, SamplingParams); the KV cache of
     the last bucket is kept and donated back on the next call.
+
+    decode_layers: how the decode loop runs the layers (module docstring): `scan`, `unrolled`, or
+    `auto`: unrolled for unscanned models and on CPU (where it is ~1.5x faster per step), scan
+    elsewhere (an unrolled loop holds a second copy of the layer weights while it runs and
+    compiles in time proportional to depth).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config, *, mesh: jax.sharding.Mesh | None = None,
-                 rules: Rules = DEFAULT_RULES, cache_dtype=None, max_prompt_length: int | None = None):
+                 rules: Rules = DEFAULT_RULES, cache_dtype=None, max_prompt_length: int | None = None,
+                 decode_layers: str = "auto"):
+        if decode_layers not in DECODE_LAYERS:
+            raise ValueError(f"decode_layers={decode_layers!r} is not one of {', '.join(DECODE_LAYERS)}")
         self.graphdef, self.config, self.mesh = graphdef, config, mesh
+        if decode_layers == "auto":
+            platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+            decode_layers = "unrolled" if (not config.scan_layers or platform == "cpu") else "scan"
+        self.decode_layers = decode_layers
         self.rules = normalize_rules(rules)
         self.cache_dtype = cache_dtype or config.dtype
         self.max_prompt_length = max_prompt_length
@@ -176,14 +214,21 @@ class Sampler:
             return cache
         self._cache = None
         c = self.config
-        shape = (c.num_layers, rows, max_len, c.num_kv_heads, c.head_dim)
-        kv, slots = self._sharding(_KV_AXES), self._sharding(_SLOT_AXES)
+        shape = (c.num_layers, rows, c.num_kv_heads, max_len, c.head_dim)
+        slots = self._sharding(_SLOT_AXES)
 
         def zeros(shape, dtype, sharding):
             # Committed like the cache the program hands back: an uncommitted first cache would make the
             # second call (with the returned, committed one) compile the program again.
             return jnp.zeros(shape, dtype, device=sharding if sharding is not None else jax.devices()[0])
-        return KVCache(keys=zeros(shape, self.cache_dtype, kv), values=zeros(shape, self.cache_dtype, kv),
+        if self.decode_layers == "unrolled":  # sliding layers: a ring of their window (layer_slots)
+            layer = self._sharding(_LAYER_KV_AXES)
+            keys, values = (tuple(zeros((rows, c.num_kv_heads, slots_i, c.head_dim), self.cache_dtype, layer)
+                                  for slots_i in layer_slots(c, max_len)) for _ in range(2))
+        else:
+            kv = self._sharding(_KV_AXES)
+            keys, values = zeros(shape, self.cache_dtype, kv), zeros(shape, self.cache_dtype, kv)
+        return KVCache(keys=keys, values=values,
                        segment_ids=zeros((rows, max_len), jnp.int32, slots),
                        end=zeros((), jnp.int32, self._sharding(())))
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from posttrain_jax.mesh import make_mesh
 from posttrain_jax.models import KVCache, create_model, preset
+from posttrain_jax.models.transformer import layer_slots
 from posttrain_jax.models.config import _GEMMA3_LAYERS, FULL, REMAT_POLICIES, SLIDING, ModelConfig
 from posttrain_jax.models.stacking import layer_groups, layer_period, scanned_location, unstacked_sources
 from posttrain_jax.sharding import DEFAULT_RULES
@@ -102,27 +103,41 @@ def test_cache_decode_scanned_equals_unrolled(name):
     config = scanned.config
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, config.vocab_size)
     outs = []
-    for model in (scanned, unrolled):
+    # Stacked caches on both layouts; per-layer caches on both, the scanned one run on `unrolled_layers()`.
+    for model, per_layer in ((scanned, False), (unrolled, False), (scanned, True), (unrolled, True)):
         graphdef, params = nnx.split(model)
 
         @jax.jit
-        def run(params, tokens, graphdef=graphdef):
+        def run(params, tokens, graphdef=graphdef, per_layer=per_layer):
             model = nnx.merge(graphdef, params)
-            cache = KVCache.init(config, batch=2, max_len=12)
-            assert cache.keys.shape == (config.num_layers, 2, 12, config.num_kv_heads, config.head_dim)
+            cache = KVCache.init(config, batch=2, max_len=12, per_layer=per_layer)
+            if per_layer:  # heads-major; sliding layers keep a ring of their window
+                assert cache.per_layer and [k.shape for k in cache.keys] == [
+                    (2, config.num_kv_heads, n, config.head_dim) for n in layer_slots(config, 12)]
+            else:
+                assert cache.keys.shape == (config.num_layers, 2, config.num_kv_heads, 12, config.head_dim)
+            layers = model.unrolled_layers() if per_layer else None
             positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-            first, cache = model.decode(tokens[:, :6], positions, jnp.ones((2, 6), jnp.int32), cache)
+            first, cache = model.decode(tokens[:, :6], positions, jnp.ones((2, 6), jnp.int32), cache, layers)
             steps = []
             for t in range(6, 9):
                 logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), jnp.ones((2, 1), jnp.int32),
-                                             cache)
+                                             cache, layers)
                 steps.append(logits)
             return first, jnp.concatenate(steps, axis=1), cache.keys
         outs.append(run(params, tokens))
     full = scanned(tokens)  # no cache: the same logits
     tol = dict(rtol=1e-5, atol=2e-5)
-    for got, want in zip(outs[0], outs[1]):
-        np.testing.assert_allclose(got, want, **tol)
+    for other in outs[1:]:
+        for got, want in zip(outs[0][:2], other[:2]):
+            np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(outs[0][2], outs[1][2], **tol)  # the stacked caches
+    for per_layer_keys in (outs[2][2], outs[3][2]):  # a ring holds the last W of the 9 slots, slot s at s % W
+        for i, keys in enumerate(per_layer_keys):
+            n = keys.shape[2]
+            slots = np.arange(9 - n, 9) if n < 12 else np.arange(12)
+            np.testing.assert_allclose(keys[:, :, slots % n], outs[0][2][i][:, :, slots], **tol)
+    assert layer_slots(config, 12) == ([4, 12, 4, 12, 4] if name == "gemma3" else [12] * config.num_layers)
     np.testing.assert_allclose(outs[0][0], full[:, :6], **tol)
     np.testing.assert_allclose(outs[0][1], full[:, 6:], **tol)
 

@@ -51,12 +51,15 @@ def _recomputed_logprobs(model, prompt, completion, temperature=1.0):
     return np.asarray(token_logprobs(logits, jnp.asarray(seq[1:])))[len(prompt) - 1:]
 
 
+@pytest.mark.parametrize("decode_layers", ["scan", "unrolled"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_greedy_equals_stepwise_argmax_of_full_forward(name):
+def test_greedy_equals_stepwise_argmax_of_full_forward(name, decode_layers):
     # tiny-gemma3 has a 4-token sliding window on two of its three layers: 7 + 12 tokens run far past it.
     model, graphdef, state = _model(name)
     params = SamplingParams(max_new_tokens=12, greedy=True)
-    out = Sampler(graphdef, model.config)(state, PROMPTS, params)
+    sampler = Sampler(graphdef, model.config, decode_layers=decode_layers)
+    out = sampler(state, PROMPTS, params)
+    assert sampler._cache.per_layer == (decode_layers == "unrolled")
     for i, prompt in enumerate(PROMPTS):
         assert out.tokens[i].tolist() == _greedy_reference(model, prompt, 12), f"prompt {i}"
         np.testing.assert_allclose(out.logprobs[i], _recomputed_logprobs(model, prompt, out.tokens[i]),
@@ -146,3 +149,5 @@ def test_bad_requests_fail_clearly():
         sampler(state, [[1], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SamplingParams(temperature=0.0)
+    with pytest.raises(ValueError, match="decode_layers='unroll' is not one of auto, scan, unrolled"):
+        Sampler(graphdef, model.config, decode_layers="unroll")
