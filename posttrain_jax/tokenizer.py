@@ -175,7 +175,10 @@ class SentencePieceTokenizer(Tokenizer):
         return list(out["ids"]), [(int(s), int(e)) for s, e in out["offsets"]]
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        # Ids past the vocabulary (a model's padded embedding rows, which a sampler can draw) decode to
+        # nothing, as Hugging Face `tokenizers` does; SentencePiece would raise OUT_OF_RANGE.
+        size = self._sp.get_piece_size()
+        ids = [i for i in (int(i) for i in ids) if 0 <= i < size]
         if skip_special:
             return self._sp.decode([i for i in ids if i not in self._special_ids])
         # SentencePiece silently drops control symbols (bos/eos/pad); write them

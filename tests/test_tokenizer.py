@@ -160,6 +160,12 @@ def test_decode_skip_special(tok):
     assert tok.decode(ids) == f"{tok.bos_token}<|im_start|>user\nhi<|im_end|>{tok.eos_token}"
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(tok):
+    """A model's padded embedding rows can be sampled; both tokenizers drop those ids (HF `tokenizers` does)."""
+    ids = tok.encode("hi there")
+    assert tok.decode([*ids, tok.vocab_size, tok.vocab_size + 5000]) == tok.decode(ids) == "hi there"
+
+
 def test_token_to_id_error_names_token_and_file(tok):
     with pytest.raises(KeyError, match=r"<\|nope\|>") as info:
         tok.token_to_id("<|nope|>")

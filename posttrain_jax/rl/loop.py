@@ -125,9 +125,13 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
                               top_p=sc.top_p, stop_tokens=stop_tokens_for(tokenizer, config.chat_template,
                                                                           sc.stop_tokens),
                               pad_token=pad, num_samples=s.group_size)
-    critic_warmup = config.critic.warmup_steps if s.uses_critic else 0
+    critic_warmup = config.critic.critic_only_steps if "critic" in config else 0
+    if critic_warmup and not s.uses_critic:
+        raise ValueError(f"critic.critic_only_steps={critic_warmup}: rl.algorithm={s.algorithm} (advantage "
+                         f"{s.advantage}) has no critic; set it to 0 or use algorithm=ppo")
     if not 0 <= critic_warmup < total_steps:
-        raise ValueError(f"critic.warmup_steps={critic_warmup} must be in [0, train.steps={total_steps})")
+        raise ValueError(f"critic.critic_only_steps={critic_warmup} must be in [0, {total_steps}) (the run's "
+                         f"steps: train.steps or one pass over the prompts)")
     updates = (total_steps - critic_warmup) * s.updates_per_rollout  # the policy's schedule skips the warmup
     tx, schedule = optimizer_from_config(config.optim, updates)
     # LoRA: `base` is the frozen rest of the model and `full(params)` joins it back (no copy).
@@ -156,7 +160,7 @@ def run(config, s: RLSettings, *, resume: bool = False) -> dict:
     critic_full = lambda params: params  # noqa: E731
     if s.uses_critic:
         critic_graphdef, critic_state, critic_fn, critic_full = build_critic(
-            config, mesh, rules, total_updates=updates, data_shards=shards,
+            config, mesh, rules, total_updates=total_steps * s.updates_per_rollout, data_shards=shards,
             batch_shardings={k: rows_sharding[k] for k in CRITIC_KEYS})
     score_fn = jax.jit(make_score_rollout(s, graphdef, critic_graphdef, temperature=sc.temperature,
                                           data_shards=shards, reference_graphdef=reference_graphdef))
@@ -307,7 +311,7 @@ def step_metrics(rollout, host, stats, policy_metrics, critic_metrics, t_sample,
     verifiable = [k for k in out if k.endswith("/accuracy")]
     if verifiable:
         out["accuracy"] = out[verifiable[0]]
-    out["policy_updated"] = float(bool(policy_metrics))  # 0 during critic.warmup_steps
+    out["policy_updated"] = float(bool(policy_metrics))  # 0 during critic.critic_only_steps
     if not policy_metrics:
         return _critic_metrics(out, critic_metrics)
     means = _token_means(policy_metrics)

@@ -70,9 +70,9 @@ def critic_config(**overrides) -> ml_collections.ConfigDict:
         hf_path="",  # a Hugging Face *ForSequenceClassification (or causal LM) directory
         # neither: the policy's own weights (model section) with a fresh scalar head
         value_clip=0.2, vf_coef=1.0,
-        # RL steps at the start that train only the critic (verl's trainer.critic_warmup): the policy waits
-        # until the values mean something, so its first advantages are not the noise of a fresh head
-        warmup_steps=0,
+        # RL steps at the start that train only the critic, the policy held still (verl's trainer.critic_warmup;
+        # not a learning-rate warmup): its first advantages then come from values that mean something
+        critic_only_steps=0,
         learning_rate=1e-5, schedule="constant", warmup_ratio=0.0, min_lr_ratio=0.0, weight_decay=0.0,
         max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
     )

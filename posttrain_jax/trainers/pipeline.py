@@ -72,6 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy = model_config()  # round 1's policy; nothing set: the base
     c.policy.preset = ""
     c.data = ml_collections.ConfigDict(dict(
+        # the quickstart's files are written once per output_dir (<output_dir>/data): changing these later needs
+        # a new output_dir
         quickstart_task=True, quickstart_max_operand=29, quickstart_sft_epochs=6.0, quickstart_eval_rows=200,
         sft_mix=[],  # [{"path": ..., "weight": ..., "epochs": ...}]: the SFT data of every round
         preferences=[],  # JSONL paths of the seed preference data (prompt/chosen/rejected)
@@ -85,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
         use_reward_model=True, reward_model_options={"batch_size": 32, "max_length": 128},
         overrides={"rejection": {"num_samples": 4, "prompts_per_batch": 64, "require_correct": ["math"]},
                    "sampling": {"temperature": 1.0, "max_new_tokens": 16}}))
-    # steps 0: one pass over the mix (6 epochs of the 2,000 gold rows, ~300 steps) plus the samples. Fewer steps
+    # steps 0: one pass over the mix (6 epochs of the 2,000 gold rows, packed 3-4 to a row of 64 tokens: ~300
+    # steps of 32 rows) plus the samples. Fewer steps
     # do not teach the operands 20-29 and cost the old range (30 steps: 0.52 -> 0.28 held-out; 150 at lr 2e-3:
     # 0.66; 300 at lr 1e-3: 0.81, each from the same round-1 inputs).
     c.sft = ml_collections.ConfigDict(dict(init="best", accumulate=True, samples_epochs=1.0,
@@ -311,7 +314,9 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     for r in range(1, config.rounds + 1):
         result = rounds[r] = run_round(config, stages, r, best, history)
         value = result["metrics"][result["best"]][metric]
-        leader = hand_on(leader, r, result, metric, keep_best=config.eval.keep_best)
+        # A stage of its own, so a resumed run (even with eval.keep_best changed) keeps the decision it made.
+        leader = stages.run(f"round_{r}/hand_on", lambda d, prev=leader, res=result: hand_on(
+            prev, r, res, metric, keep_best=config.eval.keep_best))
         result["next"] = {"round": leader["round"], "candidate": leader["candidate"]}
         best = leader["model"]
         text = _report(config, rounds)

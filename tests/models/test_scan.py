@@ -97,6 +97,25 @@ def test_scanned_equals_unrolled(name):
         np.testing.assert_allclose(grads_s[key], grads_u[key], rtol=1e-5, atol=1e-8, err_msg=key)
 
 
+def test_ring_cache_chunks_of_any_length_equal_the_full_forward():
+    """Gemma 3's sliding layers keep a ring of W=4 slots: chunks of 3, 2 (mixing held and new keys at start > 0),
+    5 (longer than the ring) and single steps, on the scanned model's unrolled layers and on the unscanned one."""
+    scanned, unrolled = _pair("gemma3")
+    config = scanned.config
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, config.vocab_size)
+    full = scanned(tokens)
+    for model, layers in ((scanned, scanned.unrolled_layers()), (unrolled, None)):
+        cache = KVCache.init(config, batch=2, max_len=14, per_layer=True)
+        assert 4 in [k.shape[2] for k in cache.keys]  # a ring is in play
+        logits = []
+        for start, end in ((0, 3), (3, 5), (5, 10), (10, 11), (11, 12)):
+            positions = jnp.broadcast_to(jnp.arange(start, end), (2, end - start))
+            out, cache = model.decode(tokens[:, start:end], positions, jnp.ones((2, end - start), jnp.int32), cache,
+                                      layers)
+            logits.append(out)
+        np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_cache_decode_scanned_equals_unrolled(name):
     scanned, unrolled = _pair(name)

@@ -118,16 +118,18 @@ def test_ppo_pulse_resume_is_exact_and_checkpoints_hold_the_critic(tmp_path, tas
 
 
 def test_ppo_critic_warmup_holds_the_policy_still(tmp_path, task):
-    """critic.warmup_steps=1 (verl's critic_warmup): step 1 trains only the critic, so step 2's policy is still
+    """critic.critic_only_steps=1 (verl's critic_warmup): step 1 trains only the critic, so step 2's policy is still
     the reference (KL ~ 0) and only then does the policy update."""
-    summary = rl.main(_config(tmp_path, task, "ppo", "--config.train.steps=2", "--config.critic.warmup_steps=1"))
+    summary = rl.main(_config(tmp_path, task, "ppo", "--config.train.steps=2", "--config.critic.critic_only_steps=1"))
     first, second = summary["history"]
     assert first["train/policy_updated"] == 0.0 and "train/loss" not in first and first["train/value_loss"] > 0
     assert second["train/policy_updated"] == 1.0 and np.isfinite(second["train/loss"])
     assert abs(second["train/reward_kl"]) < 1e-6  # the policy did not move during the warmup
     assert summary["compilations"]["train_step"] == 1 and summary["compilations"]["critic_step"] == 1
-    with pytest.raises(ValueError, match=r"critic.warmup_steps=2 must be in \[0, train.steps=2\)"):
-        rl.main(_config(tmp_path / "bad", task, "ppo", "--config.train.steps=2", "--config.critic.warmup_steps=2"))
+    with pytest.raises(ValueError, match=r"critic.critic_only_steps=2 must be in \[0, 2\)"):
+        rl.main(_config(tmp_path / "bad", task, "ppo", "--config.train.steps=2", "--config.critic.critic_only_steps=2"))
+    with pytest.raises(ValueError, match="rl.algorithm=grpo .* has no critic"):
+        rl.main(_config(tmp_path / "bad", task, "grpo", "--config.train.steps=2", "--config.critic.critic_only_steps=1"))
 
 
 def test_staleness_one_trains_on_the_previous_params_with_tis(tmp_path, task):

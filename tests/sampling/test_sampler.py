@@ -116,11 +116,12 @@ def test_stop_tokens_end_each_row_and_pad_after():
         assert (out.tokens[row, length:] == 0).all() and (out.logprobs[row, length:] == 0).all()
 
 
-def test_sharded_sampling_matches_single_device_and_compiles_once():
+@pytest.mark.parametrize("decode_layers", ["scan", "unrolled"])  # scan: the TPU/GPU default; unrolled: CPU's
+def test_sharded_sampling_matches_single_device_and_compiles_once(decode_layers):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model, graphdef, state = _model("tiny-llama", mesh=mesh)
     params = SamplingParams(max_new_tokens=6, greedy=True, num_samples=2)
-    sampler = Sampler(graphdef, model.config, mesh=mesh)
+    sampler = Sampler(graphdef, model.config, mesh=mesh, decode_layers=decode_layers)
     sharded = sampler(state, PROMPTS, params)  # 3 prompts x 2 rows are padded to 4 x 2 for the 4 batch shards
     again = sampler(state, PROMPTS[::-1], params)
     assert sampler.compilations() == 1

@@ -18,7 +18,7 @@ from posttrain_jax.trainers.pipeline_stages import MARKER, build_pairs
 from posttrain_jax.cpu_devices import host_device_flags
 
 STAGES = ["round_0/eval", "round_1/rm", "round_1/rejection", "round_1/sft", "round_1/pairs", "round_1/dpo_0",
-          "round_1/dpo_1", "round_1/average", "round_1/eval"]
+          "round_1/dpo_1", "round_1/average", "round_1/eval", "round_1/hand_on"]
 
 
 def tiny_pipeline_args(d, out):
