@@ -24,6 +24,7 @@ Every measurement is one JSON line on stdout, also appended to `--out`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frameworks", default="jax,torch", help="comma list of: jax, torch")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 fp32 matmul that measures peak FLOP/s")
     p.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS, help="extra XLA_FLAGS for the JAX subprocess")
+    p.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field of ours, e.g. scan_layers=false, attention=blocked, remat=dots")
+    p.add_argument("--loss-pass", default="auto", help="ours: the SFT objective's LM-head pass (auto, one_pass, recompute)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: CPU count)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sft_step.jsonl"), help="JSONL file to append to")
     p.add_argument("--quick", action="store_true", help="smoke test: few steps, small peak matmul")
@@ -160,18 +164,19 @@ def worker_jax(args) -> dict:
     # Wired as posttrain_jax.trainers.sft.main does it (default mesh, rules, optimizer).
     mesh, rules = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}), DEFAULT_RULES
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    changes = model_overrides(args.model_set)
     if args.real:
         from posttrain_jax.models import load_hf
         from real_models import gemma3_270m_dir
-        model = load_hf(gemma3_270m_dir(), mesh=mesh, rules=rules)
+        model = load_hf(gemma3_270m_dir(), mesh=mesh, rules=rules, **changes)
         config = model.config
     else:
-        config = preset(args.preset)
+        config = dataclasses.replace(preset(args.preset), **changes)
         model = create_model(config, mesh=mesh, rules=rules, seed=0)
     tx, schedule = make_optimizer(learning_rate=1e-4, total_steps=1000, warmup_ratio=0.05, max_grad_norm=1.0)
     graphdef, state = init_train_state(model, tx, seed=0, mesh=mesh)  # as the runner does
     del model
-    step = make_train_step(graphdef, tx, make_sft_objective("token_mean", data_shards=shards),
+    step = make_train_step(graphdef, tx, make_sft_objective("token_mean", data_shards=shards, loss_pass=args.loss_pass),
                            make_sft_denominator("token_mean", data_shards=shards), data_shards=shards,
                            schedule=schedule)
     step_fn = jit_train_step(step, state, batch_sharding(mesh, rules))
@@ -213,6 +218,23 @@ def worker_jax(args) -> dict:
         mem["total_mib"] = mem["argument_mib"] + mem["output_mib"] - mem["alias_mib"] + mem["temp_mib"]
         record["xla_memory"] = mem
     return record
+
+
+def model_overrides(assignments: list[str]) -> dict:
+    """ModelConfig changes from `--model-set FIELD=VALUE` (values parsed as Python literals when they are
+    one, so `false`/`true` are booleans and numbers are numbers)."""
+    import ast
+    changes = {}
+    for item in assignments:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-set {item!r}: expected FIELD=VALUE")
+        value = {"true": "True", "false": "False"}.get(value.lower(), value)
+        try:
+            changes[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            changes[field] = value
+    return changes
 
 
 def worker_torch(args) -> dict:
@@ -304,7 +326,9 @@ def main(argv=None) -> None:
         from real_models import gemma3_270m_dir
         gemma3_270m_dir()
     common = {"run": run_id, "host": platform.node(), "cpus": os.cpu_count(), "preset": args.real or args.preset,
-              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup}
+              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+              **({"model_set": args.model_set} if args.model_set else {}),
+              **({"loss_pass": args.loss_pass} if args.loss_pass != "auto" else {})}
     peaks, tokens_per_s = [], {f: [] for f in frameworks}
     for round_index in range(args.rounds):
         peak = run_worker("peak", argv, args)

@@ -66,6 +66,7 @@ class _Plan:
     vocab_chunk: int  # vocabulary entries (per device) per backward chunk
     with_entropy: bool
     with_max: bool
+    pad: int = 0  # positions appended to make whole chunks (dropped from the results)
     batch_axes: tuple[str, ...] = ()  # mesh axes splitting rows (inside shard_map)
     vocab_axes: tuple[str, ...] = ()  # mesh axes splitting the vocabulary
     embed_axes: tuple[str, ...] = ()  # mesh axes splitting the kernel's hidden dimension
@@ -109,6 +110,18 @@ def fused_token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
       (and through `entropy` when asked for); equal to autodiff of the unfused
       `token_logprobs(softcap(hidden @ kernel) / temperature, targets)` up to float32 rounding.
     """
+    plan, hidden, targets = _plan_and_pad(hidden, kernel, targets, vocab_major=vocab_major, softcap=softcap,
+                                          temperature=temperature, chunk_size=chunk_size,
+                                          with_entropy=with_entropy, with_max=with_max)
+    length = targets.shape[1] - plan.pad
+    logps, entropy, max_logps = (x[:, :length] for x in _fused(plan, hidden, kernel, targets))
+    return TokenLogprobs(logps, entropy if with_entropy else None,
+                         jax.lax.stop_gradient(max_logps) if with_max else None)
+
+
+def _plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, temperature, chunk_size,
+                  with_entropy: bool = False, with_max: bool = False, chunk_budget: int = DEFAULT_CHUNK_ELEMENTS):
+    """Check the shapes, pick the chunks and the mesh layout; pad hidden / targets to whole chunks."""
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [batch, length, hidden] and targets [batch, length]; got "
                          f"{hidden.shape} and {targets.shape}")
@@ -125,11 +138,11 @@ def fused_token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
         rows //= _size(mesh, batch_axes)
         vocab //= _size(mesh, vocab_axes)
     length = hidden.shape[1]
-    chunk = min(chunk_size, length) if chunk_size else default_chunk_size(rows, length, vocab)
-    padded = -(-length // chunk) * chunk  # a whole number of chunks; padded positions are dropped below
+    chunk = min(chunk_size, length) if chunk_size else default_chunk_size(rows, length, vocab, chunk_budget)
+    padded = -(-length // chunk) * chunk  # a whole number of chunks; padded positions are dropped by the caller
     vocab_chunk = _largest_divisor(vocab, max(1, DEFAULT_CHUNK_ELEMENTS // (rows * padded)))
     plan = _Plan(vocab_major, None if softcap is None else float(softcap), float(temperature), chunk,
-                 vocab_chunk, with_entropy, with_max)
+                 vocab_chunk, with_entropy, with_max, pad=padded - length)
     if axes is not None:
         plan = dataclasses.replace(plan, batch_axes=batch_axes, vocab_axes=vocab_axes, embed_axes=embed_axes,
                                    embed_shards=_size(mesh, embed_axes), mesh=mesh)
@@ -137,9 +150,7 @@ def fused_token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
     if padded != length:
         hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
-    logps, entropy, max_logps = (x[:, :length] for x in _fused(plan, hidden, kernel, targets))
-    return TokenLogprobs(logps, entropy if with_entropy else None,
-                         jax.lax.stop_gradient(max_logps) if with_max else None)
+    return plan, hidden, targets
 
 
 def lm_head_logprobs(model, hidden: jax.Array, targets: jax.Array, *, temperature: float = 1.0,

@@ -84,7 +84,7 @@ def xla_attention(q, k, v, mask, *, scale: float, softcap: float | None = None,
     return out.reshape(b, t, h, d)
 
 
-def _platform() -> str:
+def traced_platform() -> str:
     """The platform of the mesh being traced for (an AOT TPU topology on a CPU host says tpu)."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
@@ -110,7 +110,7 @@ def resolve_implementation(name: str, q, *, softcap: float | None, platform: str
         raise ValueError(f"model.attention={name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if name != "auto":
         return name
-    platform = platform or _platform()
+    platform = platform or traced_platform()
     if platform == "tpu":
         return "splash"
     if platform in ("gpu", "cuda") and cudnn_supported(q, softcap=softcap) is None:
@@ -199,7 +199,7 @@ def splash_attention(q, k, v, segment_ids, *, scale: float, softcap: float | Non
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     if interpret is None:
-        interpret = _platform() != "tpu"
+        interpret = traced_platform() != "tpu"
         if interpret:
             _warn_once("model.attention='splash' off TPU runs the Pallas kernel in interpret mode: correct but "
                        "very slow (meant for tests); use model.attention=auto, blocked or xla here")

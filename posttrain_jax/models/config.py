@@ -16,6 +16,8 @@ from typing import Any
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
+LAYER_LOOPS = ("auto", "scan", "unrolled")  # ModelConfig.layer_loop
+
 # `model.remat`: what a transformer block saves for the backward pass (the rest is recomputed there).
 # Each maps to a `jax.checkpoint_policies` policy in `transformer.remat_policy`.
 REMAT_POLICIES = {
@@ -88,6 +90,11 @@ class ModelConfig:
     # Stack the parameters of repeating layers and run them with one `lax.scan` (compile time independent
     # of depth); False keeps one module per layer (`blocks.<i>`), the unrolled oracle.
     scan_layers: bool = True
+    # How a full-row forward (training, scoring; not a KV-cache decode) runs stacked layers: "scan" (one
+    # lax.scan: compile time flat in depth; what TPU and GPU want), "unrolled" (one slice per layer, made
+    # once per step: XLA:CPU copies a stacked weight before every dot inside a loop, ~10% of a CPU train
+    # step) or "auto" (unrolled on CPU, scan elsewhere). Parameters and checkpoints are the same either way.
+    layer_loop: str = "auto"
     # Attention kernel: auto | xla | blocked | splash | cudnn (posttrain_jax/models/attention.py).
     attention: str = "auto"
     attention_block: int = 512  # query/key block length of the blocked and splash kernels
@@ -117,6 +124,8 @@ class ModelConfig:
             problems.append(f"activation {self.activation!r} is not silu or gelu_tanh")
         if self.attention not in ("auto", "xla", "blocked", "splash", "cudnn"):
             problems.append(f"attention {self.attention!r} is not auto, xla, blocked, splash or cudnn")
+        if self.layer_loop not in LAYER_LOOPS:
+            problems.append(f"layer_loop {self.layer_loop!r} is not one of {', '.join(LAYER_LOOPS)}")
         if self.attention_block < 1:
             problems.append(f"attention_block must be >= 1, got {self.attention_block}")
         if self.head not in ("lm", "scalar"):

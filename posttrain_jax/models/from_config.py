@@ -38,6 +38,8 @@ def model_config() -> ml_collections.ConfigDict:
         # (models/config.py REMAT_POLICIES says when to use which); True / False still mean full / none.
         remat=config_dict.FieldReference("none", field_type=object),
         scan_layers=True,  # one lax.scan over the stacked layers; False: the unrolled per-layer oracle
+        # How a train step runs the stacked layers: auto (unrolled on CPU, scan elsewhere) | scan | unrolled.
+        layer_loop="auto",
         # Attention kernel: auto (splash on TPU, cuDNN on GPU where it applies, else xla / blocked
         # for long rows) | xla | blocked | splash | cudnn; see posttrain_jax/models/attention.py.
         attention="auto",
@@ -65,11 +67,12 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head:
 def _build_plain(cfg: ml_collections.ConfigDict, mesh, rules, *, seed: int, head: str = "lm",
                  vocab_size: int | None = None) -> Decoder:
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                    scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"))
+                    scan_layers=cfg.get("scan_layers", True), attention=cfg.get("attention", "auto"),
+                    layer_loop=cfg.get("layer_loop", "auto"))
     if cfg.hf_path:
         return load_hf(cfg.hf_path, mesh=mesh, rules=rules, head=head, dtype=cfg.param_dtype,
                        compute_dtype=cfg.dtype, remat=cfg.remat, scan_layers=numerics["scan_layers"],
-                       attention=numerics["attention"])
+                       attention=numerics["attention"], layer_loop=numerics["layer_loop"])
     if cfg.checkpoint:
         step_dir = resolve_step_dir(cfg.checkpoint)
         meta = read_metadata(step_dir) or {}
@@ -109,7 +112,7 @@ def load_checkpoint_model(path: str, *, mesh=None, ema: bool = False, step: int 
     params_key = "ema_params" if ema else "params"
     if LORA_KEY in meta:
         numerics = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-                        attention=config.attention, scan_layers=config.scan_layers)
+                        attention=config.attention, scan_layers=config.scan_layers, layer_loop=config.layer_loop)
         return load_adapter_run(step_dir, meta, mesh, DEFAULT_RULES, head=config.head, numerics=numerics,
                                 params_key=params_key,
                                 build_base=lambda section, seed, head: build_model(section, mesh, DEFAULT_RULES,

@@ -72,6 +72,27 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
+@jax.custom_vjp
+def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+    """x [n, ...] -> its n slices x[0], ..., x[n - 1]; the gradient is one `jnp.stack` of theirs.
+
+    Autodiff of n separate slices would pad each slice's gradient to the full stack and add
+    the n padded arrays; this writes each layer's gradient once.
+    """
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+def _unstack_fwd(x):
+    return unstack(x), None
+
+
+def _unstack_bwd(_, cotangents):
+    return (jnp.stack(cotangents),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 def layer_sharding(sharding):
     """The sharding of one layer of a stacked array (its leading layers axis is never sharded)."""
     if isinstance(sharding, NamedSharding):

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from posttrain_jax.models.attention import attention, attention_mask, xla_attention
+from posttrain_jax.models.attention import attention, attention_mask, traced_platform, xla_attention
 from posttrain_jax.models.config import SLIDING, ModelConfig, RopeConfig
 from posttrain_jax.models.embedding import embed_lookup
 from posttrain_jax.models.lora import project
-from posttrain_jax.models.stacking import layer_groups, stack_modules
+from posttrain_jax.models.stacking import layer_groups, stack_modules, unstack
 from posttrain_jax.sharding import constrain
 
 
@@ -303,6 +303,13 @@ def _layer_fn(graphdef: nnx.GraphDef, remat: str, in_scan: bool):
     return jax.checkpoint(run, policy=remat_policy(remat), prevent_cse=not in_scan)
 
 
+def _unroll(config: ModelConfig) -> bool:
+    """Whether a full-row forward runs stacked layers one by one (`ModelConfig.layer_loop`)."""
+    if config.layer_loop == "auto":
+        return traced_platform() == "cpu"  # an AOT compile for TPU on a CPU host says tpu: scan
+    return config.layer_loop == "unrolled"
+
+
 def _layer_kv(cache_kv, layer):
     """Layer `layer`'s (keys, values) of the cache: an element of a per-layer tuple (`layer` a
     Python int) or a slice of the stacked arrays (`layer` may be traced)."""
@@ -376,14 +383,19 @@ class Decoder(nnx.Module):
         With scanned layers the states are slices of the stacks. XLA:CPU materialises any slice
         of a stacked weight (static or dynamic) as a copy before its dot, so a decode loop that
         slices inside its body copies every layer weight once per step: make these once, before
-        the loop (one copy of the layer weights per call, held while the loop runs).
+        the loop (one copy of the layer weights per call, held while the loop runs). A train
+        step on CPU (`ModelConfig.layer_loop`) runs its layers from these slices too.
         """
         if not self.config.scan_layers:
             return [nnx.split(block) for block in self.blocks]
         period, groups = layer_groups(self.config)
-        stacks = [nnx.split(stack) for stack in self.layers]
-        layers = [(stacks[j][0], jax.tree.map(lambda a, g=g: a[g], stacks[j][1]))
-                  for g in range(groups) for j in range(period)]
+        per_stack = []  # per_stack[j] = (graphdef, [state of layer g * period + j for each group g])
+        for stack in self.layers:
+            graphdef, state = nnx.split(stack)
+            leaves, treedef = jax.tree.flatten(state)
+            slices = [unstack(leaf) for leaf in leaves]  # one gradient write per stack, not one per layer
+            per_stack.append((graphdef, [jax.tree.unflatten(treedef, [s[g] for s in slices]) for g in range(groups)]))
+        layers = [(per_stack[j][0], per_stack[j][1][g]) for g in range(groups) for j in range(period)]
         return layers + [nnx.split(block) for block in self.tail]
 
     def _run_layers(self, x, positions, segment_ids, cache_kv, cache_segments, start, layers=None):
@@ -392,7 +404,8 @@ class Decoder(nnx.Module):
         remat = c.remat if cache_kv is None else "none"  # a cache means inference: nothing to save
         args = (positions, segment_ids)
         per_layer_cache = cache_kv is not None and isinstance(cache_kv[0], tuple)
-        if layers is None and (not c.scan_layers or per_layer_cache):  # a per-layer cache needs static indices
+        # A per-layer cache needs static indices; a full-row forward follows `layer_loop`.
+        if layers is None and (not c.scan_layers or per_layer_cache or (cache_kv is None and _unroll(c))):
             layers = self.unrolled_layers()
         if layers is not None:
             for i, (graphdef, state) in enumerate(layers):

@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
         loss_aggregation="token_mean",  # sum | token_mean | sequence_mean | mean_per_microbatch
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
         loss_chunk_size=0,  # sequence positions per fused LM-head chunk; 0 = automatic (see losses/logprobs.py)
+        # LM-head gradient: auto (one_pass on CPU, recompute on TPU/GPU) | one_pass (taken in the forward
+        # pass: fewer FLOPs, a float32 kernel-sized accumulator) | recompute (less memory); sft_objective.py
+        loss_pass="auto",
     )
     c.optim = optimizer_config()
     c.generation_eval = generation_eval_section()  # held-out accuracy by sampling (off while its path is "")
@@ -162,7 +165,8 @@ def main(config: ml_collections.ConfigDict, *, resume: bool = False) -> dict:
     summary = runner.run(
         config, mesh=mesh, rules=rules, model=model, train_iter=train_iter, resume=resume,
         total_steps=runner.total_steps_of(config, train_iter), seq_len=config.data.seq_len, evaluate=evaluate,
-        objective=make_sft_objective(t.loss_aggregation, data_shards=shards, loss_chunk_size=t.loss_chunk_size or None),
+        objective=make_sft_objective(t.loss_aggregation, data_shards=shards, loss_chunk_size=t.loss_chunk_size or None,
+                                     loss_pass=t.get("loss_pass", "auto")),
         denominator=make_sft_denominator(t.loss_aggregation, accum_steps=t.accum_steps, data_shards=shards,
                                          sum_constant=t.sum_constant or None),
         derived=lambda m: {"loss_per_token": float(m["nll_sum"]) / max(float(m["loss_tokens"]), 1.0)})

@@ -20,10 +20,10 @@ CASES = {"llama": ("tiny-llama", dict(num_layers=4, layer_types=())),
          "qwen3": ("tiny-qwen3", dict(num_layers=3, layer_types=())), "gemma3": ("tiny-gemma3", GEMMA5)}
 
 
-def _pair(name, **overrides):
+def _pair(name, layer_loop="scan", **overrides):
     preset_name, kw = CASES[name]
     config = preset(preset_name, **{**kw, **overrides})
-    return (create_model(config.replace(scan_layers=True), seed=3),
+    return (create_model(config.replace(scan_layers=True, layer_loop=layer_loop), seed=3),
             create_model(config.replace(scan_layers=False), seed=3))
 
 
@@ -63,9 +63,11 @@ def test_layer_period_and_groups():
     assert scanned_location(config, 25) == ("tail.1", None) and scanned_location(config, 13) == ("layers.1", 2)
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_scanned_equals_unrolled(name):
-    scanned, unrolled = _pair(name)
+def test_scanned_equals_unrolled(name, layer_loop):
+    """Stacked parameters run by a scan, or one slice per layer (CPU's default), equal per-layer modules."""
+    scanned, unrolled = _pair(name, layer_loop)
     config = scanned.config
     # Same seed, same weights: the stacks are the per-layer weights in layer order.
     got, want = _unstack(nnx.state(scanned, nnx.Param), config), nnx.state(unrolled, nnx.Param)
@@ -212,7 +214,7 @@ def _grads_and_temp_bytes(config, tokens, positions, segments):
 
 
 def test_remat_policies_same_gradients_less_memory():
-    config = preset("tiny-llama", num_layers=4, layer_types=())
+    config = preset("tiny-llama", num_layers=4, layer_types=(), layer_loop="scan")
     batch = _batch_long(config, rows=8, length=128)
     results = {remat: _grads_and_temp_bytes(config.replace(remat=remat), *batch) for remat in REMAT_POLICIES}
     reference, _ = results["none"]
