@@ -41,6 +41,7 @@ import qwix
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from posttrain_jax.models.dense import dense
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec, normalize_rules
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def project(module: nnx.Module, name: str, x: jax.Array, spec: str, dtype) -> ja
 
     x: [batch, length, in...] in the compute dtype; the kernel and adapters are cast to `dtype`.
     """
-    y = jnp.einsum(spec, x, dense_kernel(module, name).astype(dtype))
+    y = dense(x, dense_kernel(module, name).astype(dtype), spec)
     lora_a = getattr(module, name + "_lora_a", None)
     if lora_a is None:
         return y
