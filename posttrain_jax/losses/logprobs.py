@@ -120,8 +120,9 @@ def fused_token_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Arra
 
 
 def _plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, temperature, chunk_size,
-                  with_entropy: bool = False, with_max: bool = False, chunk_budget: int = DEFAULT_CHUNK_ELEMENTS):
-    """Check the shapes, pick the chunks and the mesh layout; pad hidden / targets to whole chunks."""
+                  with_entropy: bool = False, with_max: bool = False, min_chunk_tokens: int = 1):
+    """Check the shapes, pick the chunks and the mesh layout; pad hidden / targets to whole chunks.
+    An automatic chunk is doubled until it holds `min_chunk_tokens` (rows x positions per device)."""
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [batch, length, hidden] and targets [batch, length]; got "
                          f"{hidden.shape} and {targets.shape}")
@@ -138,7 +139,9 @@ def _plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, temper
         rows //= _size(mesh, batch_axes)
         vocab //= _size(mesh, vocab_axes)
     length = hidden.shape[1]
-    chunk = min(chunk_size, length) if chunk_size else default_chunk_size(rows, length, vocab, chunk_budget)
+    chunk = min(chunk_size, length) if chunk_size else default_chunk_size(rows, length, vocab)
+    while not chunk_size and chunk < length and rows * chunk < min_chunk_tokens:
+        chunk *= 2
     padded = -(-length // chunk) * chunk  # a whole number of chunks; padded positions are dropped by the caller
     vocab_chunk = _largest_divisor(vocab, max(1, DEFAULT_CHUNK_ELEMENTS // (rows * padded)))
     plan = _Plan(vocab_major, None if softcap is None else float(softcap), float(temperature), chunk,
