@@ -8,8 +8,9 @@ that copy, which then reads its inputs in column order: in the bench-small SFT s
 took ~10% of the step. Here the backward pass transposes `x` itself, once, behind an
 `optimization_barrier` (so XLA cannot fold the transpose back into the dot), and the weight
 gradient is a plain row-major matmul: an MLP's forward + backward ran 1.4x faster in isolation,
-with bit-identical gradients. Only on CPU: TPU and GPU matmul units take either layout, and
-autodiff's einsum keeps what remat policies see.
+with bit-identical gradients. Only on CPU: TPU and GPU keep autodiff of the einsum, whose matmul
+units take either operand layout. The remat policies still see these matmuls (`tests/models/
+test_scan.py` checks their memory ordering on CPU).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ def dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     (x [batch, length, in...], w [in..., out...] -> [batch, length, out...])."""
     inputs, out = spec.split("->")
     x_axes, w_axes = inputs.split(",")
-    num_in = len(x_axes) + len(w_axes) - len(out) >> 1
+    num_in = (len(x_axes) + len(w_axes) - len(out)) // 2  # contracted axes
     if traced_platform() != "cpu" or x_axes[-num_in:] != w_axes[:num_in] or out != x_axes[:-num_in] + w_axes[num_in:]:
         return jnp.einsum(spec, x, w)
+    return _dense(num_in, x, w)
+
+
+def contract(x: jax.Array, w: jax.Array, num_in: int) -> jax.Array:
+    """`jnp.tensordot(x, w, axes=num_in)` (x's last num_in axes against w's first), with `dense`'s CPU gradient."""
+    if traced_platform() != "cpu":
+        return jnp.tensordot(x, w, axes=num_in)
     return _dense(num_in, x, w)
 
 
@@ -59,11 +67,15 @@ def _dense_bwd(num_in: int, residuals, g):
         k = math.prod(w.shape[:num_in])
         lead = g.shape[:g.ndim - (w.ndim - num_in)]
         d_x = (g.reshape(math.prod(lead), -1) @ w.reshape(k, -1).T).reshape(*lead, *w.shape[:num_in])
-    if x is not None:  # d W = x^T g, with x^T made row-major first: a plain matmul
+    if x is not None:  # d W = x^T g: transpose the smaller of x and g first (behind a barrier), then a plain matmul
         k = math.prod(x.shape[-num_in:])
-        x_t = jax.lax.optimization_barrier(x.reshape(-1, k).T)  # [in, tokens]
         out = g.shape[x.ndim - num_in:]
-        d_w = (x_t @ g.reshape(-1, math.prod(out))).reshape(*x.shape[-num_in:], *out)
+        x2, g2 = x.reshape(-1, k), g.reshape(-1, math.prod(out))
+        if g2.shape[1] < k:  # e.g. the MLP's down projection, or a LoRA B: (g^T x)^T, a small result transposed
+            d_w = (jax.lax.optimization_barrier(g2.T) @ x2).T
+        else:
+            d_w = jax.lax.optimization_barrier(x2.T) @ g2
+        d_w = d_w.reshape(*x.shape[-num_in:], *out)
     return d_x, d_w
 
 

@@ -41,7 +41,7 @@ import qwix
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from posttrain_jax.models.dense import dense
+from posttrain_jax.models.dense import contract, dense
 from posttrain_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec, normalize_rules
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ def project(module: nnx.Module, name: str, x: jax.Array, spec: str, dtype) -> ja
         key = jax.random.fold_in(jax.random.wrap_key_data(rng[...]), zlib.crc32(name.encode()))
         keep = jax.random.bernoulli(key, 1.0 - module.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - module.lora_dropout), 0).astype(x.dtype)
-    hidden = jnp.tensordot(x, a, axes=num_in)  # [..., rank]
-    return y + (jnp.tensordot(hidden, b, axes=1) * module.lora_scale).astype(y.dtype)
+    hidden = contract(x, a, num_in)  # [..., rank]
+    return y + (contract(hidden, b, 1) * module.lora_scale).astype(y.dtype)
 
 
 def _quantize(w: jax.Array, qtype: str, num_in: int, lead: int):
