@@ -55,11 +55,14 @@ def _dense(num_in: int, x, w):
 
 def _dense_fwd(num_in: int, x, w):
     # symbolic_zeros: a frozen kernel (a LoRA base) or an input that carries no gradient skips its matmul.
-    return _matmul(num_in, x.value, w.value), (x.value if w.perturbed else None, w.value if x.perturbed else None)
+    # Zero-size tokens carry the dtypes the cotangents must have (autodiff gives each input's own dtype).
+    dtypes = (jnp.zeros((0,), x.value.dtype), jnp.zeros((0,), w.value.dtype))
+    return _matmul(num_in, x.value, w.value), (x.value if w.perturbed else None, w.value if x.perturbed else None,
+                                               dtypes)
 
 
 def _dense_bwd(num_in: int, residuals, g):
-    x, w = residuals  # x is kept only if w needs a gradient, w only if x does
+    x, w, (x_dtype, w_dtype) = residuals  # x is kept only if w needs a gradient, w only if x does
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
     d_x = d_w = None
@@ -67,6 +70,7 @@ def _dense_bwd(num_in: int, residuals, g):
         k = math.prod(w.shape[:num_in])
         lead = g.shape[:g.ndim - (w.ndim - num_in)]
         d_x = (g.reshape(math.prod(lead), -1) @ w.reshape(k, -1).T).reshape(*lead, *w.shape[:num_in])
+        d_x = d_x.astype(x_dtype.dtype)
     if x is not None:  # d W = x^T g: transpose the smaller of x and g first (behind a barrier), then a plain matmul
         k = math.prod(x.shape[-num_in:])
         out = g.shape[x.ndim - num_in:]
@@ -75,7 +79,7 @@ def _dense_bwd(num_in: int, residuals, g):
             d_w = (jax.lax.optimization_barrier(g2.T) @ x2).T
         else:
             d_w = jax.lax.optimization_barrier(x2.T) @ g2
-        d_w = d_w.reshape(*x.shape[-num_in:], *out)
+        d_w = d_w.reshape(*x.shape[-num_in:], *out).astype(w_dtype.dtype)
     return d_x, d_w
 
 

@@ -45,3 +45,13 @@ def test_sharded_rows_and_kernel_match():
         got = grad(xs, ws)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_cotangents_keep_each_input_dtype():
+    """As autodiff of the einsum: d x in x's dtype, d W in W's, also when only one is differentiated."""
+    x = jax.random.normal(jax.random.key(3), (2, 4, 8)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(4), (8, 6))
+    f = lambda x, w: jnp.sum(dense(x, w, "btd,dm->btm").astype(jnp.float32))  # noqa: E731
+    d_x, d_w = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+    assert (d_x.dtype, d_w.dtype) == (jnp.bfloat16, jnp.float32)
+    assert jax.grad(f)(x, w).dtype == jnp.bfloat16 and jax.grad(f, 1)(x, w).dtype == jnp.float32
