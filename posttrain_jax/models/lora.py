@@ -142,8 +142,10 @@ def project(module: nnx.Module, name: str, x: jax.Array, spec: str, dtype) -> ja
         key = jax.random.fold_in(jax.random.wrap_key_data(rng[...]), zlib.crc32(name.encode()))
         keep = jax.random.bernoulli(key, 1.0 - module.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - module.lora_dropout), 0).astype(x.dtype)
-    hidden = contract(x, a, num_in)  # [..., rank]
-    return y + (contract(hidden, b, 1) * module.lora_scale).astype(y.dtype)
+    # The scale multiplies the rank-sized hidden, not the output: equal to PEFT's `B(A(x)) * scale`
+    # (exactly so for alpha / rank a power of two), without a pass over [tokens, out] in each direction.
+    hidden = contract(x, a, num_in) * module.lora_scale  # [..., rank]; a Python float keeps the dtype
+    return y + contract(hidden, b, 1).astype(y.dtype)
 
 
 def _quantize(w: jax.Array, qtype: str, num_in: int, lead: int):
