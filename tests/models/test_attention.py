@@ -49,14 +49,28 @@ def _value_and_grads(fn, q, k, v, cotangent):
     return run(q, k, v)
 
 
+def _dense_oracle(q, k, v, seg, *, scale, softcap, window):
+    slots = jnp.arange(q.shape[1], dtype=jnp.int32)
+    mask = attn.attention_mask(slots, slots, seg, seg, window)
+    return attn.xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
+
+
 def _check_kernel(fn, length, *, scale, softcap, window, label):
     q, k, v, seg, cotangent = _inputs(length)
-    oracle = functools.partial(attn.attention, implementation="xla", scale=scale, softcap=softcap, window=window)
+    oracle = functools.partial(_dense_oracle, scale=scale, softcap=softcap, window=window)
     ref, ref_grads = _value_and_grads(lambda q, k, v: oracle(q, k, v, seg), q, k, v, cotangent)
     out, grads = _value_and_grads(lambda q, k, v: fn(q, k, v, seg), q, k, v, cotangent)
     errs = [_max_err(out, ref, seg)] + [_max_err(a, b) for a, b in zip(grads, ref_grads)]
     print(f"{label}: forward {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, dv {errs[3]:.1e}")
     assert max(errs) < TOL, (label, errs)
+
+
+@pytest.mark.parametrize("length,window,softcap", [(512, None, None), (512, 130, 3.0), (300, 5, None)])
+def test_xla_causal_query_chunks_match_dense_oracle(length, window, softcap):
+    # implementation="xla" cuts the queries into causal chunks (4 at 512, 2 at 300, uneven tails)
+    # that read only the keys they can see: packed rows, padding, GQA, windows across chunk edges.
+    fn = functools.partial(attn.attention, implementation="xla", scale=0.3, softcap=softcap, window=window)
+    _check_kernel(fn, length, scale=0.3, softcap=softcap, window=window, label=f"xla chunks T={length}")
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, 3.0)])
@@ -82,7 +96,7 @@ def test_splash_sharded_over_batch_and_heads():
 
     q, k, v, seg, cotangent = _inputs(128)
     q, k, v, seg, cotangent = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v, seg, cotangent))  # 4 rows
-    oracle = functools.partial(attn.attention, implementation="xla", scale=0.25)
+    oracle = functools.partial(_dense_oracle, scale=0.25, softcap=None, window=None)
     ref, ref_grads = _value_and_grads(lambda q, k, v: oracle(q, k, v, seg), q, k, v, cotangent)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), logical_rules(DEFAULT_RULES):
