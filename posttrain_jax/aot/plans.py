@@ -85,7 +85,7 @@ def sft_plan(config, shards: int, per_chip_batch: int | None) -> StepPlan:
     return StepPlan(
         model=model_config(config.model, head="lm"),
         objective=make_sft_objective(t.loss_aggregation, data_shards=shards, loss_chunk_size=t.loss_chunk_size or None,
-                                     loss_pass=t.get("loss_pass", "auto")),  # one_pass holds a kernel-sized buffer
+                                     loss_pass=t.get("loss_pass", "auto")),  # one_pass: a kernel-sized buffer (not under FSDP)
         denominator=make_sft_denominator(t.loss_aggregation, accum_steps=t.accum_steps, data_shards=shards,
                                          sum_constant=t.sum_constant or None),
         batch=_sequences(rows, config.data.seq_len), accum_steps=t.accum_steps, ema=t.ema_decay > 0, rows=rows,

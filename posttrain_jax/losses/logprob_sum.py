@@ -9,11 +9,13 @@ scales them by the loss's cotangent: three LM-head matmuls per step instead of t
 `fused_token_logprobs` (forward, recomputed logits, d hidden, d kernel). This is Liger
 Kernel's fused linear cross-entropy (Hsu et al. 2024, "Liger Kernel", §3.2).
 
-The price is memory: a float32 accumulator of the kernel's gradient ([vocab, hidden] per
-device, the kernel gathered over its FSDP axes) lives through the forward pass, where the
-recomputing path reduce-scatters one vocabulary slice at a time. `loss_pass="auto"` in the
-SFT objective therefore picks this on CPU (FLOPs bound, memory plentiful) and recomputes
-on TPU and GPU (HBM bound).
+The price is memory: the whole kernel and a float32 accumulator of its gradient
+([vocab, hidden] per device) live through the forward pass, where the recomputing path
+holds one vocabulary slice at a time. `loss_pass="auto"` in the SFT objective therefore
+picks this on CPU (FLOPs bound, memory plentiful) and recomputes on TPU and GPU (HBM
+bound). Where the kernel's hidden dimension is sharded (FSDP) a pass over sequence chunks
+would need the whole kernel gathered on every device, so there `fused_logprob_sum` takes
+the recomputing path (`fused_token_logprobs`, summed) whatever the caller asked for.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from posttrain_jax.losses.logprobs import (_Plan, _chunk, _full_kernel, _logits, _on_mesh, _plan_and_pad, _psum,
-                                           _reduce_kernel_grad, _vocab_ids)
+from posttrain_jax.losses.lm_head_chunks import (Plan, chunk_logits, full_kernel, on_mesh, plan_and_pad, psum_vocab,
+                                                 reduce_kernel_grad, seq_chunk, vocab_ids)
+from posttrain_jax.losses.logprobs import fused_token_logprobs
 
 
 def fused_logprob_sum(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
@@ -44,7 +47,9 @@ def fused_logprob_sum(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, 
       `total` reach `hidden` and `kernel` and equal autodiff of the unfused
       `sum(weights * token_logprobs(softcap(hidden @ kernel) / temperature, targets))` up to
       float32 rounding. The kernel's gradient is only computed when the kernel is differentiated
-      (a frozen LoRA base skips that matmul).
+      (a frozen LoRA base skips that matmul). Where the kernel's hidden dimension is sharded
+      over the mesh (FSDP) this is `fused_token_logprobs` summed: the same results, without a
+      whole kernel and its float32 gradient on every device.
     """
     if weights.shape != targets.shape:
         raise ValueError(f"weights {weights.shape} must have the shape of targets {targets.shape}")
@@ -52,37 +57,43 @@ def fused_logprob_sum(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, 
     # read-modify-write small next to the chunk's matmuls (Gemma 3 270M's head + loss, forward and backward,
     # 8 x 512 on 2 CPU cores: 32 positions per chunk 29.3 s, 64 27.0 s, 128 28.4 s; bench-small keeps its 128).
     hidden_size = kernel.shape[1 if vocab_major else 0]
-    plan, hidden, targets = _plan_and_pad(hidden, kernel, targets, vocab_major=vocab_major, softcap=softcap,
-                                          temperature=temperature, chunk_size=chunk_size,
-                                          min_chunk_tokens=hidden_size // 2)
+    numerics = dict(vocab_major=vocab_major, softcap=softcap, temperature=temperature, chunk_size=chunk_size)
+    plan, padded_hidden, padded_targets = plan_and_pad(hidden, kernel, targets, min_chunk_tokens=hidden_size // 2,
+                                                       **numerics)
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    if plan.vocab_forward:
+        # The kernel's hidden dimension is sharded (FSDP): one pass would gather the whole kernel and hold a
+        # float32 gradient of it on every device, so take the recomputing path (same values and gradients).
+        logps = fused_token_logprobs(hidden, kernel, targets, **numerics).logps
+        return jnp.sum(weights * logps), jax.lax.stop_gradient(logps)
+    hidden, targets = padded_hidden, padded_targets
     if plan.pad:
         weights = jnp.pad(weights, ((0, 0), (0, plan.pad)))
     total, logps = _summed(plan, hidden, kernel, targets, weights)
     return total, jax.lax.stop_gradient(logps[:, :logps.shape[1] - plan.pad])
 
 
-def _local(plan: _Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights):
+def _local(plan: Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights):
     """This device's log-probs, then d total / d hidden and d total / d kernel where `grads` asks."""
     with_hidden_grad, with_kernel_grad = grads
-    w = _full_kernel(plan, kernel)
+    w = full_kernel(plan, kernel)
     vocab_dim = 0 if plan.vocab_major else 1
-    ids = _vocab_ids(plan, w.shape[vocab_dim])
+    ids = vocab_ids(plan, w.shape[vocab_dim])
     acc = jnp.promote_types(hidden.dtype, jnp.float32)
     h_spec = "bcv,vh->bch" if plan.vocab_major else "bcv,hv->bch"
 
     def body(d_w, i):
-        h, g = _chunk(hidden, i, plan.chunk), _chunk(weights, i, plan.chunk)[..., None]
-        z, slope = _logits(plan, h, w)
-        hit = ids == _chunk(targets, i, plan.chunk)[..., None]
+        h, g = seq_chunk(hidden, i, plan.chunk), seq_chunk(weights, i, plan.chunk)[..., None]
+        z, slope = chunk_logits(plan, h, w)
+        hit = ids == seq_chunk(targets, i, plan.chunk)[..., None]
         top = jnp.max(z, axis=-1, keepdims=True)
         if plan.vocab_axes:
             top = jax.lax.pmax(top, plan.vocab_axes)
         # exp once, kept (a barrier stops XLA from recomputing it inside each consumer's fusion)
         shifted = jax.lax.optimization_barrier(jnp.exp(z - top))
-        total = _psum(plan, jnp.sum(shifted, axis=-1, keepdims=True))
+        total = psum_vocab(plan, jnp.sum(shifted, axis=-1, keepdims=True))
         lse = top + jnp.log(total)
-        logp = _psum(plan, jnp.sum(jnp.where(hit, z, 0.0), axis=-1)) - lse[..., 0]
+        logp = psum_vocab(plan, jnp.sum(jnp.where(hit, z, 0.0), axis=-1)) - lse[..., 0]
         d_z = jnp.where(hit, g, 0.0) - shifted * (g / total)  # d (w log p(t)) / dz = w (onehot - p)
         if slope is not None:
             d_z = d_z * slope
@@ -91,7 +102,7 @@ def _local(plan: _Plan, grads: tuple[bool, bool], hidden, kernel, targets, weigh
         d_z = jax.lax.optimization_barrier(d_z.astype(w.dtype))  # made once, read by both matmuls
         d_h = None
         if with_hidden_grad:
-            d_h = _psum(plan, jnp.einsum(h_spec, d_z, w, preferred_element_type=acc)).astype(hidden.dtype)
+            d_h = psum_vocab(plan, jnp.einsum(h_spec, d_z, w, preferred_element_type=acc)).astype(hidden.dtype)
         if with_kernel_grad:
             # d kernel^T [hidden, vocab] = h^T d_z, with h^T made row-major (small) so that the big d_z is
             # read as it is (see models/dense.py); a tied [vocab, hidden] kernel is transposed once at the end.
@@ -106,14 +117,14 @@ def _local(plan: _Plan, grads: tuple[bool, bool], hidden, kernel, targets, weigh
     if with_hidden_grad:
         outs.append(jnp.moveaxis(d_hidden, 0, 1).reshape(hidden.shape))
     if with_kernel_grad:
-        outs.append(_reduce_kernel_grad(plan, d_w.T if plan.vocab_major else d_w, 1 - vocab_dim).astype(kernel.dtype))
+        outs.append(reduce_kernel_grad(plan, d_w.T if plan.vocab_major else d_w, 1 - vocab_dim).astype(kernel.dtype))
     return tuple(outs)
 
 
-def _run(plan: _Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights):
+def _run(plan: Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights):
     """(total, logps, d hidden or None, d kernel or None)."""
     outs = "r" + "r" * grads[0] + "k" * grads[1]
-    results = list(_on_mesh(plan, functools.partial(_local, plan, grads), "rkrr", outs)(hidden, kernel, targets,
+    results = list(on_mesh(plan, functools.partial(_local, plan, grads), "rkrr", outs)(hidden, kernel, targets,
                                                                                          weights))
     logps = results.pop(0)
     d_hidden = results.pop(0) if grads[0] else None
@@ -122,19 +133,19 @@ def _run(plan: _Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _summed(plan: _Plan, hidden, kernel, targets, weights):
+def _summed(plan: Plan, hidden, kernel, targets, weights):
     total, logps, _, _ = _run(plan, (False, False), hidden, kernel, targets, weights)  # not differentiated
     return total, logps
 
 
-def _summed_fwd(plan: _Plan, hidden, kernel, targets, weights):
+def _summed_fwd(plan: Plan, hidden, kernel, targets, weights):
     # symbolic_zeros: each primal says whether it is differentiated (a frozen LoRA base kernel is not).
     grads = (hidden.perturbed, kernel.perturbed)
     total, logps, d_hidden, d_kernel = _run(plan, grads, hidden.value, kernel.value, targets.value, weights.value)
     return (total, logps), (d_hidden, d_kernel)
 
 
-def _summed_bwd(plan: _Plan, residuals, cotangents):
+def _summed_bwd(plan: Plan, residuals, cotangents):
     d_hidden, d_kernel = residuals
     g_total, _ = cotangents  # logps are returned without gradient
     if isinstance(g_total, jax.custom_derivatives.SymbolicZero):

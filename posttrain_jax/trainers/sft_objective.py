@@ -22,7 +22,9 @@ def make_sft_objective(aggregation: str, *, data_shards: int = 1, loss_chunk_siz
     "one_pass" takes the head's gradient in the forward pass (`losses.logprob_sum`: 3 LM-head
     matmuls, a float32 kernel-sized accumulator), "recompute" recomputes each chunk's logits in
     the backward pass (`losses.logprobs`: 4 matmuls, one vocabulary slice of gradient at a time),
-    "auto" one_pass on CPU and recompute on TPU / GPU. The two agree to float32 rounding.
+    "auto" one_pass on CPU and recompute on TPU / GPU. The two agree to float32 rounding. Where FSDP
+    shards the kernel's hidden dimension one_pass recomputes too (`fused_logprob_sum` would otherwise
+    gather the whole kernel on every device).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown loss_aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
