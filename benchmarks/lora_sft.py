@@ -170,10 +170,14 @@ def run_worker(args, framework: str, method: str) -> dict:
            "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:  # recorded, not raised: e.g. PyTorch killed for memory at Gemma's 8 x 512
+    if proc.returncode != 0 and framework == "jax":  # our own failures are never hidden
+        os.unlink(result_file)
+        raise RuntimeError(f"{framework}:{method} worker failed:\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:  # the peer's: recorded, e.g. PyTorch killed for memory at Gemma's 8 x 512
+        os.unlink(result_file)
         why = "killed (SIGKILL: the kernel's OOM killer?)" if proc.returncode == -9 else proc.stderr[-2000:]
         print(f"{framework}:{method} worker failed with exit code {proc.returncode}", file=sys.stderr)
-        name = "posttrain_jax" if framework == "jax" else "pytorch" if method == "full" else "pytorch+peft"
+        name = "pytorch" if method == "full" else "pytorch+peft"
         return {"framework": name, "method": method,
                 "error": f"exit code {proc.returncode}: {why}"}
     with open(result_file) as f:

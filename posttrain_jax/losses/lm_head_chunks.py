@@ -97,7 +97,11 @@ def plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, tempera
     length = hidden.shape[1]
     if embed_shards > 1:  # vocabulary-chunked forward: all positions at once
         chunk = length
-        limit = chunk_size * vocab // length if chunk_size else DEFAULT_CHUNK_ELEMENTS // (rows * length)
+        # An explicit chunk_size can shrink the slice below the default budget, never grow it past the
+        # budget the backward pass always used (a config sized for sequence chunks keeps its memory).
+        limit = DEFAULT_CHUNK_ELEMENTS // (rows * length)
+        if chunk_size:
+            limit = min(limit, chunk_size * vocab // length)
     else:
         chunk = min(chunk_size, length) if chunk_size else default_chunk_size(rows, length, vocab)
         while not chunk_size and chunk < length and rows * chunk < min_chunk_tokens:
@@ -105,7 +109,7 @@ def plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, tempera
     padded = -(-length // chunk) * chunk  # a whole number of chunks; padded positions are dropped by the caller
     if embed_shards == 1:  # (the recomputing backward's vocabulary chunk, as it always was)
         limit = DEFAULT_CHUNK_ELEMENTS // (rows * padded)
-    vocab_chunk = _largest_divisor(vocab, max(1, limit))
+    vocab_chunk = vocab_slice(vocab, max(1, limit))
     plan = Plan(vocab_major, None if softcap is None else float(softcap), float(temperature), chunk,
                 vocab_chunk, with_entropy, with_max, pad=padded - length)
     if axes is not None:
@@ -118,9 +122,21 @@ def plan_and_pad(hidden, kernel, targets, *, vocab_major: bool, softcap, tempera
     return plan, hidden, targets
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-    """The largest divisor of n that is <= limit."""
-    return max(d for k in range(1, int(n**0.5) + 1) if n % k == 0 for d in (k, n // k) if d <= limit)
+def vocab_slice(n: int, limit: int) -> int:
+    """Vocabulary entries per chunk: a divisor of `n` near `limit` (entries that fit the budget).
+
+    The largest divisor <= limit, unless that collapses below limit / 4; then the smallest divisor
+    >= limit if it is at most 2 x limit. Qwen's 151936 = 2^7 x 1187 under a limit of 1024 would
+    otherwise get 128-entry slices: 1187 chunks, each its own kernel all-gather under FSDP.
+    """
+    limit = min(limit, n)
+    divisors = {d for k in range(1, int(n**0.5) + 1) if n % k == 0 for d in (k, n // k)}
+    below = max(d for d in divisors if d <= limit)
+    if below * 4 < limit:
+        above = min(d for d in divisors if d >= limit)
+        if above <= 2 * limit:
+            return above
+    return below
 
 
 def _size(mesh, names: tuple[str, ...]) -> int:
@@ -166,17 +182,6 @@ def on_mesh(plan: Plan, fn, args: str, outs: str):
     spec = {"r": rows, "k": kernel}
     return jax.shard_map(fn, mesh=plan.mesh, check_vma=False, in_specs=tuple(spec[a] for a in args),
                          out_specs=tuple(spec[a] for a in outs))
-
-
-def full_kernel(plan: Plan, kernel):
-    """The kernel with its whole hidden dimension on this device (FSDP all-gather of the whole kernel).
-
-    Only where the whole kernel is wanted at once (`logprob_sum`'s one pass without FSDP); the
-    recomputing path gathers one vocabulary slice at a time (`kernel_slice`).
-    """
-    if not plan.embed_axes:
-        return kernel
-    return jax.lax.all_gather(kernel, plan.embed_axes, axis=1 if plan.vocab_major else 0, tiled=True)
 
 
 def kernel_slice(plan: Plan, kernel, start, size: int):

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from posttrain_jax.losses.lm_head_chunks import (Plan, chunk_logits, full_kernel, on_mesh, plan_and_pad, psum_vocab,
+from posttrain_jax.losses.lm_head_chunks import (Plan, chunk_logits, on_mesh, plan_and_pad, psum_vocab,
                                                  reduce_kernel_grad, seq_chunk, vocab_ids)
 from posttrain_jax.losses.logprobs import fused_token_logprobs
 
@@ -76,7 +76,7 @@ def fused_logprob_sum(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, 
 def _local(plan: Plan, grads: tuple[bool, bool], hidden, kernel, targets, weights):
     """This device's log-probs, then d total / d hidden and d total / d kernel where `grads` asks."""
     with_hidden_grad, with_kernel_grad = grads
-    w = full_kernel(plan, kernel)
+    w = kernel  # whole hidden dimension here: an FSDP-sharded kernel took the recomputing path
     vocab_dim = 0 if plan.vocab_major else 1
     ids = vocab_ids(plan, w.shape[vocab_dim])
     acc = jnp.promote_types(hidden.dtype, jnp.float32)

@@ -2,7 +2,8 @@
 
 | name      | where                 | mask handled                                   | memory of scores      |
 |-----------|-----------------------|------------------------------------------------|-----------------------|
-| `xla`     | everywhere (oracle)   | dense bool [B, T, S] from `attention_mask`     | [B, K, G, T, S] fp32  |
+| `xla`     | everywhere            | dense bool mask per causal query chunk          | ~(n+1)/2n of          |
+|           |                       | (`dense_xla_attention`: the whole-square oracle)| [B, K, G, T, T] fp32  |
 | `blocked` | everywhere            | causal, segments, window from slots/ids        | one [bq, bk] block    |
 | `splash`  | TPU (Pallas)          | causal/local static mask + segment ids         | one block (on chip)   |
 | `cudnn`   | NVIDIA GPU, bf16/fp16 | causal + left window in cuDNN; segments/padding | [B, 1, T, S] bias     |
@@ -103,10 +104,21 @@ def causal_xla_attention(q, k, v, segment_ids, *, scale: float, softcap: float |
     bounds = [t * i // chunks for i in range(chunks + 1)]
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        lo = 0 if window is None else max(0, a - window + 1)
+        lo = 0 if window is None else max(0, a - window + 1)  # key a - W + 1 is the oldest any query sees
         mask = attention_mask(slots[a:b], slots[lo:b], segment_ids[:, a:b], segment_ids[:, lo:b], window)
         outs.append(xla_attention(q[:, a:b], k[:, lo:b], v[:, lo:b], mask, scale=scale, softcap=softcap))
-    return jnp.concatenate(outs, axis=1).astype(q.dtype) if chunks > 1 else outs[0].astype(q.dtype)
+    return jnp.concatenate(outs, axis=1).astype(q.dtype)
+
+
+def dense_xla_attention(q, k, v, segment_ids, *, scale: float, softcap: float | None = None,
+                        window: int | None = None) -> jax.Array:
+    """The oracle: `xla_attention` of every query against every key over the whole [T, T] mask.
+
+    Shapes as in `attention`; what `causal_xla_attention` and every other kernel are tested against.
+    """
+    slots = jnp.arange(q.shape[1], dtype=jnp.int32)
+    mask = attention_mask(slots, slots, segment_ids, segment_ids, window)
+    return xla_attention(q, k, v, mask, scale=scale, softcap=softcap).astype(q.dtype)
 
 
 def traced_platform() -> str:

@@ -310,7 +310,7 @@ def _unroll(config: ModelConfig) -> bool:
         # rematerialised: XLA:CPU's scheduler hoists every unrolled layer's recomputation into the
         # forward pass (no optimization_barrier survives to its scheduler), so remat saves nothing
         # there (Gemma 3 270M at 8 x 512: 10.4 GiB of temporaries with remat=full vs 10.7 with
-        # none); the scan's loop runs each recomputation when the backward pass reaches it (4.6 GiB).
+        # none); the scan's loop runs each recomputation when the backward pass reaches it (4.5 GiB).
         return traced_platform() == "cpu" and config.remat == "none"
     return config.layer_loop == "unrolled"
 

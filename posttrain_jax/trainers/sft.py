@@ -57,9 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
         loss_aggregation="token_mean",  # sum | token_mean | sequence_mean | mean_per_microbatch
         sum_constant=0.0,  # `sum` divisor; 0: the global batch size in rows
         loss_chunk_size=0,  # sequence positions per fused LM-head chunk (under FSDP: as many logits per vocabulary
-        # chunk); 0 = automatic (see losses/lm_head_chunks.py)
+        # chunk, capped at the default budget); 0 = automatic (see losses/lm_head_chunks.py)
         # LM-head gradient: auto (one_pass on CPU, recompute on TPU/GPU) | one_pass (taken in the forward
-        # pass: fewer FLOPs, a float32 kernel-sized accumulator) | recompute (less memory); sft_objective.py
+        # pass: fewer FLOPs, a float32 kernel-sized accumulator; recompute wherever FSDP shards the head
+        # kernel, since one pass would gather it whole) | recompute (less memory); sft_objective.py
         loss_pass="auto",
     )
     c.optim = optimizer_config()

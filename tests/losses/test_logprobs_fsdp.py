@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from posttrain_jax.losses.lm_head_chunks import plan_and_pad
+from posttrain_jax.losses.lm_head_chunks import plan_and_pad, vocab_slice
 from posttrain_jax.losses.logprob_sum import fused_logprob_sum
 from posttrain_jax.losses.logprobs import fused_token_logprobs
 from posttrain_jax.sharding import DEFAULT_RULES, logical_rules, logical_to_spec
@@ -155,3 +155,14 @@ def test_online_logsumexp_merge_of_disjoint_parts():
     _close("lse", lse, jax.nn.logsumexp(z, -1), tol=1e-5)
     _close("entropy", jnp.log(s) - t / s, -jnp.sum(p * jax.nn.log_softmax(z, -1), -1), tol=1e-5)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in merged)
+
+
+def test_vocab_slices_do_not_collapse_on_awkward_vocabularies():
+    # Qwen's 151936 = 2^7 x 1187: the largest divisor under 1024 is 128 (1187 slices, each an all-gather
+    # under FSDP); the slice goes up to 1187 (<= 2 x the limit) instead. Llama 3 and Gemma 3 keep theirs.
+    assert vocab_slice(151936, 1024) == 1187
+    assert vocab_slice(151936, 4096) == 2374
+    assert vocab_slice(128256, 8192) == 8016 and 128256 % 8016 == 0
+    assert vocab_slice(262144, 3000) == 2048
+    assert vocab_slice(48, 8) == 8 and vocab_slice(7, 3) == 1  # a prime with no divisor near the limit
+    assert vocab_slice(48, 1000) == 48  # a budget past the vocabulary: one slice

@@ -1,4 +1,4 @@
-"""Attention kernels against the dense-mask oracle (`xla_attention` over `attention_mask`).
+"""Attention kernels against the dense-mask oracle (`attention.dense_xla_attention`: the whole [T, T] mask).
 
 fp32, max absolute error over the rows that carry a segment (padding rows are unspecified),
 forward and the gradients of q, k, v (kernel level) or of every parameter (model level).
@@ -49,15 +49,9 @@ def _value_and_grads(fn, q, k, v, cotangent):
     return run(q, k, v)
 
 
-def _dense_oracle(q, k, v, seg, *, scale, softcap, window):
-    slots = jnp.arange(q.shape[1], dtype=jnp.int32)
-    mask = attn.attention_mask(slots, slots, seg, seg, window)
-    return attn.xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
-
-
 def _check_kernel(fn, length, *, scale, softcap, window, label):
     q, k, v, seg, cotangent = _inputs(length)
-    oracle = functools.partial(_dense_oracle, scale=scale, softcap=softcap, window=window)
+    oracle = functools.partial(attn.dense_xla_attention, scale=scale, softcap=softcap, window=window)
     ref, ref_grads = _value_and_grads(lambda q, k, v: oracle(q, k, v, seg), q, k, v, cotangent)
     out, grads = _value_and_grads(lambda q, k, v: fn(q, k, v, seg), q, k, v, cotangent)
     errs = [_max_err(out, ref, seg)] + [_max_err(a, b) for a, b in zip(grads, ref_grads)]
@@ -96,7 +90,7 @@ def test_splash_sharded_over_batch_and_heads():
 
     q, k, v, seg, cotangent = _inputs(128)
     q, k, v, seg, cotangent = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v, seg, cotangent))  # 4 rows
-    oracle = functools.partial(_dense_oracle, scale=0.25, softcap=None, window=None)
+    oracle = functools.partial(attn.dense_xla_attention, scale=0.25, softcap=None, window=None)
     ref, ref_grads = _value_and_grads(lambda q, k, v: oracle(q, k, v, seg), q, k, v, cotangent)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), logical_rules(DEFAULT_RULES):
