@@ -93,7 +93,8 @@ class ModelConfig:
     # How a full-row forward (training, scoring; not a KV-cache decode) runs stacked layers: "scan" (one
     # lax.scan: compile time flat in depth; what TPU and GPU want), "unrolled" (one slice per layer, made
     # once per step: XLA:CPU copies a stacked weight before every dot inside a loop, ~10% of a CPU train
-    # step) or "auto" (unrolled on CPU, scan elsewhere). Parameters and checkpoints are the same either way.
+    # step) or "auto" (unrolled on CPU unless `remat` is on, which only the scan makes effective there; scan
+    # elsewhere). Parameters and checkpoints are the same either way.
     layer_loop: str = "auto"
     # Attention kernel: auto | xla | blocked | splash | cudnn (posttrain_jax/models/attention.py).
     attention: str = "auto"
