@@ -169,6 +169,8 @@ def run_worker(args, framework: str, method: str) -> dict:
            "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    if framework == "jax":  # the XLA:CPU defaults every posttrain-jax command sets
+        env["XLA_FLAGS"] = sft_step.default_cpu_flags(env.get("XLA_FLAGS", ""))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0 and framework == "jax":  # our own failures are never hidden
         os.unlink(result_file)

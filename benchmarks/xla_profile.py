@@ -53,7 +53,7 @@ def region_of(op_name: str) -> str:
     return op_name.split("/")[-1][:40] or "?"
 
 
-def op_shares(run_step, hlo_text: str, top: int = 15) -> dict:
+def op_shares(run_step, hlo_text: str, top: int = 30) -> dict:
     """Trace one call of `run_step` and return time shares by kind, by region and the top ops."""
     import jax
 

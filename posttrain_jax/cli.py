@@ -144,6 +144,10 @@ COMMANDS = {"sft": lambda argv: _run_trainer("sft", argv), "rm": lambda argv: _r
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "jax" not in sys.modules:  # XLA reads its flags once, when the first backend starts
+        import os
+        from posttrain_jax.cpu_devices import default_cpu_flags
+        os.environ["XLA_FLAGS"] = default_cpu_flags(os.environ.get("XLA_FLAGS", ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Orbax logs every save phase at INFO through absl; keep ours, quiet theirs.
     from absl import logging as absl_logging

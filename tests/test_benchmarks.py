@@ -16,7 +16,8 @@ def test_sft_step_benchmark_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sft_step.py"), "--quick", "--preset", "tiny-llama", "--batch", "2",
          "--seq-len", "32", "--steps", "2", "--warmup", "1", "--rounds", "1", "--peak-size", "256",
-         "--devices", "2", "--profile", "--out", str(out)], capture_output=True, text=True, timeout=600,
+         "--devices", "2", "--profile", "--torch-micro-batch", "1", "--out", str(out)], capture_output=True,
+        text=True, timeout=600,
         env={**os.environ, "XLA_FLAGS": ""})  # the real single CPU device, not the tests' 8 fake ones
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -27,9 +28,36 @@ def test_sft_step_benchmark_smoke(tmp_path):
     assert ratio["limit_tokens_per_s"] > 0 and ratio["limit_step_time_s"] > 0
     ours = [r for r in rows if r.get("framework") == "posttrain_jax"][0]
     assert ours["devices"] == 2  # one CPU device per core, data parallel
+    assert [r for r in rows if r.get("framework") == "pytorch"][0]["micro_batch"] == 1
     profile = ours["op_profile"]
     assert profile["op_time_ms"] > 0 and abs(sum(profile["by_kind"].values()) - 1.0) < 1e-3
     assert profile["by_kind"].get("matmul", 0) > 0 and profile["top_ops"]
+
+
+def test_torch_micro_batches_take_the_whole_batch_step():
+    """The PyTorch peer's gradient accumulation (`--torch-micro-batch`) is the same step as the whole batch:
+    equal loss and equal (clipped) gradients, read as the parameters after one SGD step."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sft_step import synthetic_batch, torch_sft_step
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    batch = synthetic_batch(96, 4, 16)
+    results = []
+    for micro in (None, 2, 1):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).train()
+        trained = list(model.parameters())
+        opt = torch.optim.SGD(trained, lr=1.0)  # the update is the (clipped) gradient itself
+        loss = torch_sft_step(model, opt, trained, batch, micro)()
+        results.append((loss, torch.cat([p.detach().flatten() for p in trained])))
+    for loss, params in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-5
+        assert torch.max(torch.abs(params - results[0][1])).item() < 1e-6
+    with pytest.raises(ValueError, match="does not divide"):
+        torch_sft_step(model, opt, trained, batch, 3)
 
 
 def test_decode_benchmark_smoke(tmp_path):
