@@ -37,6 +37,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from posttrain_jax.cpu_devices import default_cpu_flags  # noqa: E402  (jax-free)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,7 +113,8 @@ def run_point(args, num_layers: int, layout: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "XLA_FLAGS": default_cpu_flags(os.environ.get("XLA_FLAGS", ""))}  # as the CLI runs
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset, "--num-layers",
            str(num_layers), "--layout", layout, "--remat", args.remat, "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--result-file", result_file]

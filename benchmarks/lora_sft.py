@@ -31,6 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import sft_step  # noqa: E402  (the shared batch, timing and RSS helpers)
+from posttrain_jax.cpu_devices import default_cpu_flags  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -170,7 +171,7 @@ def run_worker(args, framework: str, method: str) -> dict:
            "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     if framework == "jax":  # the XLA:CPU defaults every posttrain-jax command sets
-        env["XLA_FLAGS"] = sft_step.default_cpu_flags(env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = default_cpu_flags(env.get("XLA_FLAGS", ""))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0 and framework == "jax":  # our own failures are never hidden
         os.unlink(result_file)

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("peak", "jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.accum_steps < 1 or (args.torch_micro_batch is not None and args.torch_micro_batch < 1):
+        p.error("--accum-steps and --torch-micro-batch must be >= 1")
     if args.steps is None:
         args.steps = 2 if args.quick else 8
     if args.warmup is None:
@@ -102,15 +104,17 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
             "segment_ids": ones, "loss_mask": ones}
 
 
-def torch_sft_step(model, opt, trained: list, batch: dict, micro_batch: int | None = None):
+def torch_sft_step(model, opt, trained: list, batch: dict, micro_batch: int | None = None,
+                   max_grad_norm: float = 1.0):
     """The PyTorch reference step on `batch` (numpy "tokens"/"targets" [batch, seq_len]): zero the grads,
-    next-token cross-entropy (mean over tokens), backward, clip the global norm of `trained` at 1.0,
-    `opt.step()`. Returns run_step() -> the step's loss (a float, which syncs).
+    next-token cross-entropy (mean over tokens), backward, clip the global norm of `trained` at
+    `max_grad_norm`, `opt.step()`. Returns run_step() -> the step's loss (a float, which syncs).
 
     `micro_batch` rows at a time (gradient accumulation, as `transformers.Trainer` runs a batch that does
-    not fit): each micro-batch's mean loss is weighted by its share of the tokens before `backward`, so the
-    accumulated gradient and the returned loss are the whole batch's token mean, the same update.
-    Raises ValueError when `micro_batch` does not divide the batch."""
+    not fit): each micro-batch's mean loss is weighted by its share of the rows (= of the tokens: every row
+    has `seq_len` trained tokens) before `backward`, so the accumulated gradient and the returned loss are
+    the whole batch's token mean, the same update. Raises ValueError when `micro_batch` does not divide
+    the batch."""
     import torch
 
     tokens = torch.from_numpy(batch["tokens"]).long()
@@ -130,7 +134,7 @@ def torch_sft_step(model, opt, trained: list, batch: dict, micro_batch: int | No
             del logits
             loss.backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
         opt.step()
         return total
 

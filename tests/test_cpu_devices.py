@@ -13,6 +13,7 @@ def test_default_cpu_flags_add_the_depth_first_scheduler_once_and_respect_the_us
     assert default_cpu_flags(SERIAL_COLLECTIVES) == SERIAL_COLLECTIVES
     user = "--xla_cpu_enable_concurrency_optimized_scheduler=true"  # an explicit choice wins
     assert default_cpu_flags(user) == user
+    assert default_cpu_flags("/etc/xla_flags.txt") == "/etc/xla_flags.txt"  # a flags file: XLA reads it as is
     flags = host_device_flags(8, "--xla_force_host_platform_device_count=2 --xla_cpu_foo=1").split()
     assert flags == ["--xla_cpu_foo=1", "--xla_force_host_platform_device_count=8", SERIAL_COLLECTIVES]
     assert host_device_flags(1).split() == ["--xla_force_host_platform_device_count=1", SERIAL_COLLECTIVES]
